@@ -1,0 +1,24 @@
+"""The default experiment: LeNet5 on the 5,000 embedded MNIST digits, every quantizer compared."""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.name = "mnist_lenet5"
+  config.dataset = "mnist_embedded"
+  config.data_dir = ""             # for tfds datasets: where they were prepared
+  config.model = "lenet5"
+  config.num_classes = 10
+  config.seed = 0
+  # Float training (SGD + momentum, cosine decay, shift augmentation).
+  config.epochs = 20
+  config.batch_size = 128
+  config.learning_rate = 0.05
+  config.momentum = 0.9
+  config.weight_decay = 5e-4
+  config.augment_shift = 2
+  config.val_fraction = 0.1        # carved from the 4,000 training digits, for tuning only
+  # Round-to-nearest baseline bits.
+  config.bits = (8, 6, 5, 4, 3, 2)
+  config.methods = ("rtn",)
+  return config
