@@ -14,8 +14,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Where models and results go "
 
 def _main(argv):
   del argv
-  workdir = _WORKDIR.value or f"workdir/{_CONFIG.value.name}"
-  main_lib.run(_CONFIG.value, workdir)
+  config = _CONFIG.value
+  try:
+    main_lib.validate_config(config)
+  except (ValueError, TypeError) as e:
+    sys.exit(f"error: {e}")
+  main_lib.run(config, _WORKDIR.value or f"workdir/{config.name}")
 
 
 def cli():

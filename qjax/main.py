@@ -83,10 +83,12 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
       continue
     path = arg[len("--config."):].split("=", 1)[0]
     node = config
-    for i, part in enumerate(path.split(".")):
+    parts = path.split(".")
+    for i, part in enumerate(parts):
       if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        raise ValueError(f"unknown config key 'config.{'.'.join(path.split('.')[:i + 1])}' in "
-                         f"{arg!r}; known keys here: {sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []}")
+        known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+        raise ValueError(f"unknown config key 'config.{'.'.join(parts[:i + 1])}' in {arg!r}; "
+                         f"known keys here: {known}")
       node = node[part]
 
 
