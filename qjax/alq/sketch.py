@@ -1,7 +1,6 @@
 """ALQ initialization: structured sketching of pretrained weights (Appendix A.1, Alg. 1)."""
 from __future__ import annotations
 
-import functools
 import re
 from typing import Any, Mapping, Sequence
 
@@ -59,55 +58,49 @@ def assign_structures(params: PyTree, structures: Structures) -> dict[str, Struc
   return out
 
 
-def _fit(w: jax.Array, B: jax.Array, mask: jax.Array, h: jax.Array | None = None) -> jax.Array:
-  """Least-squares coordinates on the live bases, per group (Eq. 23 when weighted by h).
-
-  alpha = (B^T H B)^{-1} B^T H w restricted to live slots; dead slots get an identity row so the
-  system stays invertible and solve to 0. Groups whose system is singular return NaN.
-  """
-  Bf = B.astype(w.dtype)
-  m = mask.astype(w.dtype)
-  hw = w if h is None else h * w
-  gram = jnp.einsum("gni,gnj->gij", Bf, Bf if h is None else h[..., None] * Bf)
-  rhs = jnp.einsum("gni,gn->gi", Bf, hw) * m
-  gram = gram * m[:, :, None] * m[:, None, :] + jax.vmap(jnp.diag)(1 - m)
-  return jnp.linalg.solve(gram, rhs[..., None])[..., 0] * m
+def _least_squares(w: np.ndarray, B: np.ndarray, mask: np.ndarray) -> np.ndarray:
+  """alpha = (B^T B)^{-1} B^T w on the live slots of each group (float64); dead slots get 0."""
+  m = mask.astype(np.float64)
+  gram = np.einsum("gni,gnj->gij", B, B) * m[:, :, None] * m[:, None, :]
+  gram += np.eye(m.shape[1])[None] * (1 - m)[:, None, :]  # identity rows keep dead slots at 0
+  rhs = np.einsum("gni,gn->gi", B, w) * m
+  return np.linalg.solve(gram, rhs[..., None])[..., 0] * m
 
 
-def make_positive(alpha: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Flip the sign of every negative alpha_i and of its basis column; B alpha is unchanged."""
-  sign = jnp.where(alpha < 0, -1, 1).astype(jnp.int8)
-  return alpha * sign.astype(alpha.dtype), B * sign[:, None, :]
-
-
-@functools.partial(jax.jit, static_argnames="max_bits")
-def sketch_groups(w: jax.Array, *, max_bits: int, sigma: float | jax.Array
+def sketch_groups(w: Any, *, max_bits: int, sigma: float
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Alg. 1 on groups w (G, n): add b_i = sign(eps), refit all alphas, until done.
 
   A group stops when its relative residual ||eps||^2 / ||w||^2 <= sigma or after max_bits bases.
   (The appendix writes the element-wise ||eps ./ w||^2, which blows up on near-zero weights; the
-  norm ratio is the scale-free criterion of the sketching paper it adapts.)
+  norm ratio is the scale-free criterion of the sketching paper it adapts.) Runs once, eagerly,
+  in float64 numpy.
 
-  Returns alpha (G, I_max) float32 >= 0, B (G, n, I_max) int8, mask (G, I_max) bool.
+  Returns alpha (G, I_max) float32 > 0 on live slots, B (G, n, I_max) int8, mask (G, I_max) bool.
   """
-  w = w.astype(jnp.float32)
+  w = np.asarray(w, np.float64)
   g, n = w.shape
-  B = jnp.ones((g, n, max_bits), jnp.int8)
-  alpha = jnp.zeros((g, max_bits), jnp.float32)
-  mask = jnp.zeros((g, max_bits), bool)
-  norm2 = jnp.sum(w * w, axis=1)
+  B = np.ones((g, n, max_bits))
+  alpha = np.zeros((g, max_bits))
+  mask = np.zeros((g, max_bits), bool)
+  norm2 = np.sum(w * w, axis=1)
   eps = w
-  active = jnp.ones((g,), bool)
+  active = np.ones((g,), bool)
   for i in range(max_bits):
-    active = active & (jnp.sum(eps * eps, axis=1) > sigma * norm2)
-    sign = jnp.where(eps >= 0, 1, -1).astype(jnp.int8)  # sign(0) := +1 keeps B binary
-    B = B.at[:, :, i].set(jnp.where(active[:, None], sign, B[:, :, i]))
-    mask = mask.at[:, i].set(active)
-    alpha = jnp.where(active[:, None], _fit(w, B, mask), alpha)
-    eps = w - jnp.einsum("gni,gi->gn", B.astype(jnp.float32), alpha)
-  alpha, B = make_positive(alpha, B)
-  return alpha, B, mask
+    active &= np.sum(eps * eps, axis=1) > sigma * norm2
+    candidate = np.where(eps < 0, -1.0, 1.0)  # sign(0) := +1 keeps B binary
+    B[:, :, i] = candidate
+    mask[:, i] = active
+    # Thm. A.1 makes the new basis independent in exact arithmetic; once the residual is at
+    # round-off level (e.g. more bases than weights) its signs are noise and may not be.
+    active &= np.linalg.matrix_rank(B * mask[:, None, :]) == i + 1
+    mask[:, i] = active
+    B[:, :, i] = np.where(active[:, None], candidate, 1.0)
+    alpha = np.where(active[:, None], _least_squares(w, B, mask), alpha)
+    eps = w - np.einsum("gni,gi->gn", B, alpha)
+  sign = np.where(alpha < 0, -1.0, 1.0)  # make alphas positive; B alpha is unchanged
+  return (jnp.asarray(alpha * sign, jnp.float32), jnp.asarray(B * sign[:, None, :], jnp.int8),
+          jnp.asarray(mask))
 
 
 def init(params: PyTree, structures: Structures, *, max_bits: int, sigma: float) -> PyTree:
@@ -143,7 +136,7 @@ def init(params: PyTree, structures: Structures, *, max_bits: int, sigma: float)
       return x
     structure = assigned[layer]
     alpha, B, mask = sketch_groups(to_groups(jnp.asarray(x), structure), max_bits=max_bits,
-                                   sigma=jnp.float32(sigma))
+                                   sigma=float(sigma))
     return QuantizedKernel(alpha=alpha, B=B, mask=mask, structure=structure,
                            shape=tuple(x.shape))
 

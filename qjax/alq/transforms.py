@@ -12,7 +12,8 @@ so that the plain AMSGrad step is w <- w - g_hat / H_hat.
   dl/dalpha_g = B_g^T dl/dw_hat_g (dead slots masked).
 * `basis` (Alg. 3, Eq. 17-23): AMSGrad moments in the w domain; with alpha fixed each weight's
   row of B is the sign pattern whose value b^T alpha is nearest to the target
-  w* = w_hat - g_hat / H_hat (exhaustive over the 2^I_max patterns; dead slots contribute 0),
+  w* = w_hat - g_hat / H_hat (exact search over the 2^I_max patterns' values; dead slots
+  contribute 0),
   then alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat) (Eq. 23) and negative alphas are made
   positive by flipping their basis column.
 * `ste` (Alg. 6, Eq. 31-37): keeps full-precision shadow weights w (in the state), steps
@@ -43,7 +44,6 @@ import jax.numpy as jnp
 import optax
 
 from qjax.alq.kernel import QuantizedKernel, group, is_quantized, map_quantized
-from qjax.alq.sketch import _fit, make_positive
 
 PyTree = Any
 
@@ -88,6 +88,26 @@ def _moments(g, mu, nu, nu_max, b1, b2):
   return mu, nu, jnp.maximum(nu_max, nu)
 
 
+def weighted_fit(w: jax.Array, B: jax.Array, mask: jax.Array, h: jax.Array) -> jax.Array:
+  """Eq. (23)/(36): alpha = (B^T H B)^{-1} B^T H w per group, on the live slots.
+
+  Dead slots get an identity row so the system stays invertible and solves to 0; a group whose
+  live bases are dependent gives non-finite values. w, h (G, n) float32, B (G, n, I) int8.
+  """
+  Bf = B.astype(w.dtype)
+  m = mask.astype(w.dtype)
+  gram = jnp.einsum("gni,gnj->gij", Bf, h[..., None] * Bf) * m[:, :, None] * m[:, None, :]
+  gram = gram + jax.vmap(jnp.diag)(1 - m)
+  rhs = jnp.einsum("gni,gn->gi", Bf, h * w) * m
+  return jnp.linalg.solve(gram, rhs[..., None])[..., 0] * m
+
+
+def make_positive(alpha: jax.Array, B: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Flip the sign of every negative alpha_i and of its basis column; B alpha is unchanged."""
+  sign = jnp.where(alpha < 0, -1, 1).astype(jnp.int8)
+  return alpha * sign.astype(alpha.dtype), B * sign[:, None, :]
+
+
 def _lr(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   lr = learning_rate(count) if callable(learning_rate) else learning_rate
   return jnp.asarray(lr, jnp.float32)
@@ -118,17 +138,24 @@ def sign_patterns(max_bits: int) -> jax.Array:
 def nearest_bases(target: jax.Array, alpha: jax.Array, mask: jax.Array) -> jax.Array:
   """Eq. (19)/(35): per weight the pattern b minimizing |target - b^T alpha|; dead slots get +1.
 
-  Enumerates the table of all 2^I values b^T alpha per group (Eq. 20) and picks the nearest.
+  The table of all 2^I values b^T alpha of a group (Eq. 20; dead slots contribute 0) is sorted
+  once, and each weight's nearest value found by binary search: exact, O(n I) memory per group.
   target (G, n) float32, alpha/mask (G, I) -> B (G, n, I) int8.
   """
   patterns = sign_patterns(alpha.shape[-1])
   live = jnp.where(mask, alpha, jnp.zeros_like(alpha))
   values = jnp.einsum("ki,gi->gk", patterns.astype(alpha.dtype), live)  # (G, 2^I)
-  index = jnp.argmin(jnp.abs(target[:, :, None] - values[:, None, :]), axis=-1)
+  order = jnp.argsort(values, axis=1)
+  table = jnp.take_along_axis(values, order, axis=1)
+  hi = jnp.clip(jax.vmap(jnp.searchsorted)(table, target), 0, table.shape[1] - 1)
+  lo = jnp.maximum(hi - 1, 0)
+  dist = lambda i: jnp.abs(target - jnp.take_along_axis(table, i, axis=1))
+  index = jnp.take_along_axis(order, jnp.where(dist(lo) <= dist(hi), lo, hi), axis=1)
   B = patterns[index]  # (G, n, I)
   return jnp.where(mask[:, None, :], B, jnp.ones_like(B))
 
 
+@jax.jit  # one compiled unit also when the transform runs eagerly
 def refit(q: QuantizedKernel, center: jax.Array, g_hat: jax.Array, h_hat: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
   """The B step and speedup alpha around `center` (Eq. 17-23, or Eq. 35-36 with shadow weights).
@@ -139,7 +166,7 @@ def refit(q: QuantizedKernel, center: jax.Array, g_hat: jax.Array, h_hat: jax.Ar
   """
   target = center - g_hat / h_hat
   B = nearest_bases(target, q.alpha, q.mask)
-  alpha = _fit(target, B, q.mask, h_hat)
+  alpha = weighted_fit(target, B, q.mask, h_hat)
   ok = jnp.all(jnp.isfinite(alpha), axis=-1, keepdims=True)
   alpha = jnp.where(ok, alpha, q.alpha)
   B = jnp.where(ok[:, :, None], B, q.B)

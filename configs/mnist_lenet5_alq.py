@@ -1,0 +1,28 @@
+"""ALQ on LeNet5 / embedded MNIST (Qu et al. 2020, Appendix C.1), scaled to ~5 CPU minutes.
+
+The float recipe is configs/mnist_lenet5.py's. ALQ uses the authors' structures (kernel-wise,
+kernel-wise, subchannel-wise(2), channel-wise), I_max 6, AMSGrad steps 1e-3 (bases) / 1e-5
+(coordinates) decayed x0.8 per epoch, but far fewer epochs than the paper's 20 + 10 per round and
+50 at the end (see qjax.alq.experiment.default_config).
+
+  python -m qjax --config configs/mnist_lenet5_alq.py
+"""
+import importlib.util
+import os
+
+import ml_collections
+
+from qjax.alq import experiment
+
+
+def get_config() -> ml_collections.ConfigDict:
+  spec = importlib.util.spec_from_file_location(
+      "mnist_lenet5", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_lenet5.py"))
+  base = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(base)
+  config = base.get_config()
+  config.name = "mnist_lenet5_alq"
+  config.methods = ("alq",)
+  config.bits = (8, 4, 2)
+  config.alq = experiment.default_config()
+  return config
