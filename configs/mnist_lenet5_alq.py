@@ -7,22 +7,17 @@ kernel-wise, subchannel-wise(2), channel-wise), I_max 6, AMSGrad steps 1e-3 (bas
 
   python -m qjax --config configs/mnist_lenet5_alq.py
 """
-import importlib.util
 import os
 
 import ml_collections
 
-from qjax.alq import experiment
+from qjax import main
 
 
 def get_config() -> ml_collections.ConfigDict:
-  spec = importlib.util.spec_from_file_location(
-      "mnist_lenet5", os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_lenet5.py"))
-  base = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(base)
-  config = base.get_config()
+  config = main.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "mnist_lenet5.py"))
   config.name = "mnist_lenet5_alq"
   config.methods = ("alq",)
   config.bits = (8, 4, 2)
-  config.alq = experiment.default_config()
   return config

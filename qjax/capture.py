@@ -24,7 +24,6 @@ from typing import Any, Callable, Literal, NamedTuple, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 Padding = str | Sequence[tuple[int, int]]
 PatchStride = Literal["kernel", "layer"]
@@ -78,8 +77,7 @@ def _tuple(x: int | Sequence[int] | None, n: int) -> tuple[int, ...]:
 
 def conv_spec(module: nn.Conv) -> ConvSpec:
   """The patch-relevant attributes of an `nn.Conv`, broadcast like flax does."""
-  ks = _tuple(module.kernel_size, 1) if isinstance(module.kernel_size, int) else tuple(
-      int(k) for k in module.kernel_size)
+  ks = _tuple(module.kernel_size, 1)  # an int kernel_size means a 1-D conv in flax
   n = len(ks)
   padding = nn.linear.canonicalize_padding(module.padding, n)
   if not isinstance(padding, str):

@@ -5,6 +5,7 @@ BatchNorm statistics are carried in `TrainState.batch_stats` when the model has 
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -92,10 +93,14 @@ def fit(state: TrainState, x: np.ndarray, y: np.ndarray, *, epochs: int, batch_s
   return state, history
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(apply_fn, variables: PyTree, x: jax.Array) -> jax.Array:
+  return apply_fn(variables, x, train=False)
+
+
 def predict(apply_fn, variables: PyTree, x: np.ndarray, *, batch_size: int = 1000) -> np.ndarray:
-  """Logits for x in batches (inference mode: train=False)."""
-  fn = jax.jit(lambda v, xb: apply_fn(v, xb, train=False))
-  return np.concatenate([np.asarray(fn(variables, jnp.asarray(x[i:i + batch_size])))
+  """Logits for x in batches (inference mode: train=False); compiled once per apply_fn."""
+  return np.concatenate([np.asarray(_logits(apply_fn, variables, jnp.asarray(x[i:i + batch_size])))
                          for i in range(0, x.shape[0], batch_size)])
 
 

@@ -49,6 +49,7 @@ def test_cli_override_and_clear_errors(tmp_path):
 def test_one_short_run_writes_table_json_and_plot(config, tmp_path):
   config.epochs = 1
   config.bits = (8, 2)
+  config.methods = ("rtn",)
   rows = main.run(config, str(tmp_path))
   methods = [(r["method"], r["bits"]) for r in rows]
   assert methods == [("float", 32), ("rtn", 8), ("rtn", 2)]

@@ -1,0 +1,127 @@
+"""GPFQ rows of the main job: per bit width, GPFQ vs MSQ on the same alphabet (seed 003, Sec. 3).
+
+`rows(ctx)` quantizes the trained float model with `qjax.gpfq.network.gpfq` on a calibration set
+drawn from the training split and evaluates it; for the same bits and the same alphabets (same
+rule, same C) it also evaluates plain rounding (`quantize_msq`), so the table shows what the
+greedy path-following adds over memoryless rounding. Options live in `config.gpfq`
+(`default_config()`).
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from qjax.gpfq import network
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Defaults of `config.gpfq` (tuned on LeNet5 / embedded MNIST)."""
+  c = ml_collections.ConfigDict()
+  c.bits = (5, 4, 3, 2, 1)        # 1 = ternary augmented midrise {-R, 0, R}
+  c.calibration_size = 1500       # training digits fed through both networks (m for Dense)
+  c.rule = "paper"                # 'paper' (Eq. 17-19) or 'reference' (authors' code)
+  c.C = 1.0                       # used when C_grid is empty
+  c.C_grid = (0.8, 1.0)           # per bit width, on a held-out tail of the calibration set
+  c.holdout_fraction = 0.2
+  c.holdout_loss = "cross_entropy"  # or 'output' (relative error of the logits, no labels)
+  c.patch_p = 0.25                # Sec. 3.1
+  c.patch_stride = "kernel"       # disjoint patches (Sec. 2.3); or 'layer'
+  c.last_layer_float = False
+  c.bias_correction = False
+  c.method = "auto"               # passed to gpfq_layer
+  c.seed = 0                      # calibration draw and patch sampling
+  c.msq = True                    # also run MSQ on the same alphabet
+  return c
+
+
+def _config(ctx) -> ml_collections.ConfigDict:
+  """ctx.config.gpfq over the defaults (missing keys take the default)."""
+  cfg = default_config()
+  given = ctx.config.get("gpfq") if hasattr(ctx.config, "get") else None
+  if given is not None:
+    unknown = set(given.keys()) - set(cfg.keys())
+    if unknown:
+      raise ValueError(f"config.gpfq: unknown keys {sorted(unknown)}; known: {sorted(cfg)}")
+    cfg.update(given)
+  return cfg
+
+
+def _apply_kwargs(model) -> dict[str, Any]:
+  """train=False for models whose __call__ takes `train` (BatchNorm in inference mode)."""
+  params = inspect.signature(type(model).__call__).parameters
+  return {"train": False} if "train" in params else {}
+
+
+def _calibration(ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
+  """A shuffled draw of the training split (it may be sorted by label)."""
+  x, y = ctx.data["train"]
+  n = min(int(cfg.calibration_size), x.shape[0])
+  idx = np.random.default_rng(int(cfg.seed)).permutation(x.shape[0])[:n]
+  return x[idx], y[idx]
+
+
+def _holdout_loss(cfg, y: np.ndarray):
+  """Loss of the C search on the held-out tail of the calibration set (labels known here)."""
+  if cfg.holdout_loss == "output":
+    return None  # network.output_error
+  if cfg.holdout_loss != "cross_entropy":
+    raise ValueError(f"config.gpfq.holdout_loss must be 'cross_entropy' or 'output', got "
+                     f"{cfg.holdout_loss!r}")
+  n_hold = max(1, round(cfg.holdout_fraction * y.shape[0]))
+  labels = jnp.asarray(y[y.shape[0] - n_hold:])
+  return lambda q_out, _: optax.softmax_cross_entropy_with_integer_labels(q_out, labels).mean()
+
+
+def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dict:
+  return {"method": method, "bits": bits, "accuracy": round(acc, 2),
+          "drop": round(ctx.float_accuracy - acc, 2), "seconds": round(seconds, 2),
+          "C": report.C,
+          "layers": {r.path: (None if r.error is None else round(r.error, 4))
+                     for r in report.layers}}
+
+
+def rows(ctx) -> list[dict]:
+  """GPFQ and MSQ-on-the-GPFQ-alphabet rows, one pair per `config.gpfq.bits`.
+
+  Args:
+    ctx: the main job's context (model, float variables, data splits, evaluate, float_accuracy,
+      config with an optional `gpfq` ConfigDict).
+
+  Returns:
+    dicts with method ('gpfq' / 'msq-gpfq-alphabet'), bits, accuracy, drop (points below
+    float), seconds, C, layers ({module path: ||XW - X~Q|| / ||XW||}).
+  """
+  cfg = _config(ctx)
+  x, y = _calibration(ctx, cfg)
+  grid = tuple(cfg.C_grid) or None
+  common = dict(rule=cfg.rule, last_layer_float=cfg.last_layer_float,
+                bias_correction=cfg.bias_correction, patch_p=cfg.patch_p,
+                patch_stride=cfg.patch_stride, key=jax.random.key(int(cfg.seed)),
+                apply_kwargs=_apply_kwargs(ctx.model), progress=False)
+  # MSQ's report uses the rows GPFQ was fitted on (and its compiled data functions).
+  x_calib = x if grid is None else x[:x.shape[0] - max(1, round(cfg.holdout_fraction
+                                                                 * x.shape[0]))]
+  out = []
+  for bits in cfg.bits:
+    start = time.perf_counter()
+    q_vars, report = network.gpfq(
+        ctx.variables, ctx.model.apply, x, bits=int(bits), C=cfg.C, method=cfg.method,
+        C_grid=grid, holdout_fraction=cfg.holdout_fraction,
+        holdout_loss=_holdout_loss(cfg, y), **common)
+    seconds = time.perf_counter() - start
+    out.append(_row("gpfq", int(bits), ctx.evaluate(q_vars), ctx, seconds, report))
+    if cfg.msq:
+      # Same alphabet: same rule and the C GPFQ chose; plain rounding of every weight.
+      start = time.perf_counter()
+      m_vars, m_report = network.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
+                                              bits=int(bits), C=report.C, **common)
+      out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,
+                      time.perf_counter() - start, m_report))
+  return out
