@@ -1,6 +1,10 @@
 """The default experiment: LeNet5 on the 5,000 embedded MNIST digits, every quantizer compared."""
 import ml_collections
 
+from qjax import psgd_experiment
+from qjax.alq import experiment as alq_experiment
+from qjax.gpfq import experiment as gpfq_experiment
+
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
@@ -20,5 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.val_fraction = 0.1        # carved from the 4,000 training digits, for tuning only
   # Round-to-nearest baseline bits.
   config.bits = (8, 6, 5, 4, 3, 2)
-  config.methods = ("rtn",)
+  # Each method adds rows to the one results table; its options live in config.<method>.
+  config.methods = ("rtn", "gpfq", "psgd", "alq")
+  config.gpfq = gpfq_experiment.default_config()
+  config.psgd = psgd_experiment.default_config()
+  config.alq = alq_experiment.default_config()
   return config

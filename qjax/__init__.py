@@ -1,4 +1,14 @@
 """qjax: neural-network quantization research in JAX/Flax (GPFQ, ALQ, PSGD)."""
+from qjax import alphabets
+from qjax import alq
+from qjax import psgd
+from qjax.gpfq.layer import gpfq_layer
+from qjax.gpfq.network import gpfq, quantize_msq
 from qjax.rounding import quantize_uniform, sparsity
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "alphabets", "alq", "psgd", "gpfq", "gpfq_layer", "quantize_msq", "quantize_uniform",
+    "sparsity",
+]

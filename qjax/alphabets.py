@@ -12,6 +12,9 @@ Step rules for a layer kernel W of shape (N0, N1) (a neuron is a column):
                   augmented_midrise(2^(b-1), d), whose largest level is exactly R.
   reference_step  the authors' public code: d = C * rad / 2^(b-1), rad = mean_j quantile(|W_j|, p)
                   (p = 1.0 is the max); used with midtread(2^(b-1), d), i.e. 2^b + 1 levels.
+  uniform_step    the per-tensor grid of `qjax.quantize_uniform` and the PSGD targets:
+                  d = C * max|W| / (2^(b-1) - 1), used with midtread(2^(b-1) - 1, d), i.e.
+                  2^b - 1 levels (b = 1 is treated as b = 2: {-d, 0, d}).
 
 Quantizers: `msq` (Eq. 5, nearest level), `stochastic_msq` (the SPFQ variant, unbiased inside the
 range), and the sparsity-promoting `hard_threshold_msq` (L0) / `soft_threshold_msq` (L1).
@@ -144,14 +147,25 @@ def reference_step(W: Any, bits: int, C: float, percentile: float = 1.0) -> jax.
   return _checked_step(C * jnp.mean(per_neuron) / 2 ** (bits - 1), "reference_step")
 
 
+def uniform_step(W: Any, bits: int, C: float = 1.0) -> jax.Array:
+  """d = C * max|W| / max(2^(b-1) - 1, 1): `qjax.quantize_uniform`'s grid step when C = 1."""
+  W = _check_kernel(W)
+  bits = _check_int(bits, "bits", 1)
+  _check_positive(C, "C")
+  half = max(2 ** (bits - 1) - 1, 1)
+  return _checked_step(C * jnp.max(jnp.abs(W)) / half, "uniform_step")
+
+
 def levels_for(W: Any, bits: int, C: float,
-               rule: Literal["paper", "reference"] = "paper") -> jax.Array:
+               rule: Literal["paper", "reference", "uniform"] = "paper") -> jax.Array:
   """The alphabet a layer is quantized onto, by the paper's or the reference code's rule.
 
   * "paper": augmented_midrise(2^(b-1), paper_step(W, b, C)), 2^b + 1 levels; b = 1 gives the
     ternary {-delta/2, 0, delta/2} with delta = 2R, i.e. {-R, 0, R}.
   * "reference": midtread(2^(b-1), reference_step(W, b, C)), 2^b + 1 levels; b = 1 gives
     {-delta, 0, delta}.
+  * "uniform": midtread(max(2^(b-1) - 1, 1), uniform_step(W, b, C)), 2^b - 1 levels: with C = 1
+    the grid `qjax.quantize_uniform` rounds to (for PSGD-trained models).
   """
   bits = _check_int(bits, "bits", 1)
   K = 2 ** (bits - 1)
@@ -159,7 +173,9 @@ def levels_for(W: Any, bits: int, C: float,
     return augmented_midrise(K, paper_step(W, bits, C))
   if rule == "reference":
     return midtread(K, reference_step(W, bits, C))
-  raise ValueError(f"rule must be 'paper' or 'reference', got {rule!r}")
+  if rule == "uniform":
+    return midtread(max(K - 1, 1), uniform_step(W, bits, C))
+  raise ValueError(f"rule must be 'paper', 'reference' or 'uniform', got {rule!r}")
 
 
 def _bin_index(z: jax.Array, levels: jax.Array) -> jax.Array:

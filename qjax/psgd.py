@@ -65,10 +65,12 @@ def per_layer_bits(bits: BitsSpec) -> Callable[[str], int]:
 
 
 def uniform_targets(bits: BitsSpec) -> TargetFn:
-  """Nearest level of the per-tensor symmetric grid Δ·{-(2^(b-1)-1), …, 2^(b-1)-1}, Δ = absmax/(2^(b-1)-1).
+  """Nearest level of the per-tensor grid Δ·{-(2^(b-1)-1), …, 2^(b-1)-1}, Δ = absmax/(2^(b-1)-1).
 
   The same grid `qjax.quantize_uniform` rounds to; `bits` may differ per layer (see
-  `per_layer_bits`). At 2 bits the grid is {-absmax, 0, absmax}.
+  `per_layer_bits`). At 2 bits the grid is {-absmax, 0, absmax}. The largest weight of a tensor
+  is always on its own target, so PSGD barely moves it by the loss gradient (weight decay still
+  shrinks it, and with it the grid).
   """
   bits_of = per_layer_bits(bits)
   return lambda w, path: round_to_uniform_grid(w, bits_of(path))
@@ -102,6 +104,15 @@ def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float 
 
   Returns:
     A transformation whose `update` needs `params` (the weights s is computed from).
+
+  Example::
+
+    >>> from qjax import psgd
+    >>> tx = psgd.scale_by_position(psgd.zero_targets())
+    >>> w = {"kernel": jnp.array([0.5, -1.0, 0.0])}
+    >>> s, _ = tx.update({"kernel": jnp.ones(3)}, tx.init(w), w)
+    >>> s["kernel"].round(3)
+    Array([0.5, 1. , 0. ], dtype=float32)
   """
 
   def init_fn(params: PyTree) -> optax.EmptyState:

@@ -43,6 +43,15 @@ def metric(q: QuantizedKernel, mu: jax.Array, nu_max: jax.Array, count: jax.Arra
   return jnp.where(q.mask, f, jnp.full_like(f, jnp.inf))
 
 
+def _whole(x: jax.Array) -> jax.Array:
+  """x replicated if its type carries a sharding (Explicit mesh axes): top_k and the pooled sort
+  need the sorted axis whole. Only the (G I_max,) scores move, never the weights."""
+  sharding = jax.typeof(x).sharding
+  if any(axis is not None for axis in sharding.spec):
+    return jax.reshard(x, jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+  return x
+
+
 def proposals_per_layer(q: QuantizedKernel, top_k: float) -> int:
   """ceil(top_k * number of slots), at least 1: the static size of a layer's proposal list."""
   return max(1, min(q.alpha.size, math.ceil(top_k * q.alpha.size)))
@@ -76,6 +85,7 @@ def prune(params: PyTree, state: AlqState, num_remove: int | jax.Array, *, top_k
   for i in layers:
     f = metric(leaves[i], mus[i], nus[i], state.count, learning_rate, b1=b1, b2=b2, eps=eps,
                alpha_domain=isinstance(state, CoordinateState)).reshape(-1)
+    f = _whole(f)
     neg, index = jax.lax.top_k(-f, proposals_per_layer(leaves[i], top_k))
     cand_f.append(-neg)
     cand_index.append(index)

@@ -36,7 +36,7 @@ bool leaves `p + u` is a logical or, and the transforms never revive a slot). Ma
 """
 from __future__ import annotations
 
-import itertools
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -113,8 +113,13 @@ def _lr(learning_rate: optax.ScalarOrSchedule, count: jax.Array) -> jax.Array:
   return jnp.asarray(lr, jnp.float32)
 
 
-def _zeros(params: PyTree, quantized_shape) -> PyTree:
-  return map_quantized(lambda q: jnp.zeros(quantized_shape(q), jnp.float32),
+def _zeros(params: PyTree, like) -> PyTree:
+  """float32 zeros shaped as `like(q)` per QuantizedKernel, as the param elsewhere.
+
+  zeros_like of a param-derived array, not of a bare shape, so that the state is sharded as the
+  params on meshes with Explicit axes.
+  """
+  return map_quantized(lambda q: jnp.zeros_like(like(q), jnp.float32),
                        lambda p: jnp.zeros_like(p), params)
 
 
@@ -130,28 +135,41 @@ def _alpha_grad(q: QuantizedKernel, grad: jax.Array) -> jax.Array:
   return jnp.where(q.mask, g_alpha, jnp.zeros_like(g_alpha))
 
 
+def decode_patterns(index: jax.Array, max_bits: int) -> jax.Array:
+  """Sign pattern number `index`: entry i is +1 where bit I-1-i of index is set, else -1.
+
+  Elementwise on the bits (no lookup in a table), so sharded indices give sharded patterns.
+  index (...) int -> (..., I) int8 in {-1, +1}.
+  """
+  bits = [(index >> (max_bits - 1 - i)) & 1 for i in range(max_bits)]
+  return (2 * jnp.stack(bits, axis=-1) - 1).astype(jnp.int8)
+
+
 def sign_patterns(max_bits: int) -> jax.Array:
-  """All 2^I sign patterns, (2^I, I) int8 in {-1, +1}."""
-  return jnp.asarray(list(itertools.product((-1, 1), repeat=max_bits)), jnp.int8)
+  """All 2^I sign patterns in lexicographic order (-1 before +1), (2^I, I) int8."""
+  return decode_patterns(jnp.arange(2 ** max_bits), max_bits)
 
 
 def nearest_bases(target: jax.Array, alpha: jax.Array, mask: jax.Array) -> jax.Array:
   """Eq. (19)/(35): per weight the pattern b minimizing |target - b^T alpha|; dead slots get +1.
 
   The table of all 2^I values b^T alpha of a group (Eq. 20; dead slots contribute 0) is sorted
-  once, and each weight's nearest value found by binary search: exact, O(n I) memory per group.
-  target (G, n) float32, alpha/mask (G, I) -> B (G, n, I) int8.
+  once, each weight's place in it found by searchsorted, and the pattern decoded from the bits of
+  its index: exact, O(n I + 2^I) memory per group. Purely per group, so groups sharded over a mesh
+  stay sharded. target (G, n) float32, alpha/mask (G, I) -> B (G, n, I) int8.
   """
   patterns = sign_patterns(alpha.shape[-1])
   live = jnp.where(mask, alpha, jnp.zeros_like(alpha))
   values = jnp.einsum("ki,gi->gk", patterns.astype(alpha.dtype), live)  # (G, 2^I)
   order = jnp.argsort(values, axis=1)
   table = jnp.take_along_axis(values, order, axis=1)
-  hi = jnp.clip(jax.vmap(jnp.searchsorted)(table, target), 0, table.shape[1] - 1)
+  # method="sort": the default "scan" is a loop that vmap cannot batch on Explicit mesh axes
+  search = jax.vmap(functools.partial(jnp.searchsorted, method="sort"))
+  hi = jnp.clip(search(table, target), 0, table.shape[1] - 1)
   lo = jnp.maximum(hi - 1, 0)
   dist = lambda i: jnp.abs(target - jnp.take_along_axis(table, i, axis=1))
   index = jnp.take_along_axis(order, jnp.where(dist(lo) <= dist(hi), lo, hi), axis=1)
-  B = patterns[index]  # (G, n, I)
+  B = decode_patterns(index, alpha.shape[-1])  # (G, n, I), as patterns[index] without a gather
   return jnp.where(mask[:, None, :], B, jnp.ones_like(B))
 
 
@@ -197,7 +215,7 @@ def coordinate(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
   """
 
   def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.alpha.shape)
+    zeros = lambda: _zeros(params, lambda q: q.alpha)
     return CoordinateState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros())
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -241,7 +259,7 @@ def basis(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.
   """
 
   def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.B.shape[:2])
+    zeros = lambda: _zeros(params, lambda q: q.B[..., 0])
     return BasisState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros())
 
   def update_fn(grads, state, params=None, **extra_args):
@@ -285,7 +303,7 @@ def ste(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.99
   """
 
   def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.B.shape[:2])
+    zeros = lambda: _zeros(params, lambda q: q.B[..., 0])
     shadow = map_quantized(lambda q: q.groups(), lambda p: jnp.asarray(p), params)
     return SteState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros(),
                     shadow=shadow)

@@ -87,6 +87,37 @@ def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dic
                      for r in report.layers}}
 
 
+def quantize(ctx, variables: dict, bits: network.Bits, **overrides) -> tuple[dict, Any, float]:
+  """`network.gpfq` of `variables` on the calibration draw, with `config.gpfq` options.
+
+  Args:
+    ctx: the main job's context.
+    variables: the model variables to quantize (e.g. a PSGD-trained model's).
+    bits: bits for every layer, or {module-path regex: bits, 'default': bits}.
+    **overrides: `config.gpfq` keys replaced for this call (e.g. rule='uniform', C_grid=()).
+
+  Returns:
+    (quantized variables, report, seconds).
+  """
+  cfg = _config(ctx)
+  cfg.update(overrides)
+  x, y = _calibration(ctx, cfg)
+  start = time.perf_counter()
+  q_vars, report = network.gpfq(
+      variables, ctx.model.apply, x, bits=bits, C=cfg.C, rule=cfg.rule, method=cfg.method,
+      C_grid=tuple(cfg.C_grid) or None, holdout_fraction=cfg.holdout_fraction,
+      holdout_loss=_holdout_loss(cfg, y), **_common(ctx, cfg))
+  return q_vars, report, time.perf_counter() - start
+
+
+def _common(ctx, cfg) -> dict[str, Any]:
+  """Options shared by the GPFQ and MSQ calls."""
+  return dict(last_layer_float=cfg.last_layer_float, bias_correction=cfg.bias_correction,
+              patch_p=cfg.patch_p, patch_stride=cfg.patch_stride,
+              key=jax.random.key(int(cfg.seed)), apply_kwargs=_apply_kwargs(ctx.model),
+              progress=False)
+
+
 def rows(ctx) -> list[dict]:
   """GPFQ and MSQ-on-the-GPFQ-alphabet rows, one pair per `config.gpfq.bits`.
 
@@ -99,29 +130,20 @@ def rows(ctx) -> list[dict]:
     float), seconds, C, layers ({module path: ||XW - X~Q|| / ||XW||}).
   """
   cfg = _config(ctx)
-  x, y = _calibration(ctx, cfg)
-  grid = tuple(cfg.C_grid) or None
-  common = dict(rule=cfg.rule, last_layer_float=cfg.last_layer_float,
-                bias_correction=cfg.bias_correction, patch_p=cfg.patch_p,
-                patch_stride=cfg.patch_stride, key=jax.random.key(int(cfg.seed)),
-                apply_kwargs=_apply_kwargs(ctx.model), progress=False)
+  x, _ = _calibration(ctx, cfg)
   # MSQ's report uses the rows GPFQ was fitted on (and its compiled data functions).
-  x_calib = x if grid is None else x[:x.shape[0] - max(1, round(cfg.holdout_fraction
-                                                                 * x.shape[0]))]
+  x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - max(1, round(cfg.holdout_fraction
+                                                                          * x.shape[0]))]
   out = []
   for bits in cfg.bits:
-    start = time.perf_counter()
-    q_vars, report = network.gpfq(
-        ctx.variables, ctx.model.apply, x, bits=int(bits), C=cfg.C, method=cfg.method,
-        C_grid=grid, holdout_fraction=cfg.holdout_fraction,
-        holdout_loss=_holdout_loss(cfg, y), **common)
-    seconds = time.perf_counter() - start
+    q_vars, report, seconds = quantize(ctx, ctx.variables, int(bits))
     out.append(_row("gpfq", int(bits), ctx.evaluate(q_vars), ctx, seconds, report))
     if cfg.msq:
       # Same alphabet: same rule and the C GPFQ chose; plain rounding of every weight.
       start = time.perf_counter()
       m_vars, m_report = network.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
-                                              bits=int(bits), C=report.C, **common)
+                                              bits=int(bits), C=report.C, rule=cfg.rule,
+                                              **_common(ctx, cfg))
       out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,
                       time.perf_counter() - start, m_report))
   return out

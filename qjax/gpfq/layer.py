@@ -22,7 +22,7 @@ without the block's own q's, it runs the B sequential steps with a B x B Gram.
 from __future__ import annotations
 
 import functools
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -73,39 +73,49 @@ def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
   return jnp.pad(a, ((0, rows - a.shape[0]),) + ((0, 0),) * (a.ndim - 1))
 
 
+def _gpfq_data_body(W, X, Xt, levels, block_size: int, same: bool,
+                    psum: Callable[[Any], Any]) -> jax.Array:
+  """Blocked data form: a scan over the full blocks of B inputs, then the remaining N0 mod B.
+
+  `psum` sums a block's row-dependent terms (its Grams and projections) over row shards: the
+  identity on one device, `jax.lax.psum` over the data axis under shard_map (`qjax.gpfq.sharded`).
+  """
+  (N0, N1), m = W.shape, X.shape[0]
+  B = min(block_size, N0)
+  nb, rest = divmod(N0, B)
+
+  def block(U, start, size):
+    # Column slices of X straight from its (m, N0) layout: no transposed copy of the data.
+    x, xt = (jax.lax.dynamic_slice_in_dim(a, start, size, axis=1) for a in (X, Xt))
+    w = jax.lax.dynamic_slice_in_dim(W, start, size, axis=0)
+    Hb, Gb, proj = psum((_tmm(xt, xt), None if same else _tmm(xt, x), _tmm(xt, U)))
+    Gb = Hb if same else Gb
+    A = proj + _mm(jnp.tril(Gb), w)
+    q = _quantize_block(A, Hb, levels)
+    return (U + _mm(x, w - q) if same else U + _mm(x, w) - _mm(xt, q)), q
+
+  U, Q = jax.lax.scan(lambda U, k: block(U, k * B, B), jnp.zeros((m, N1), W.dtype),
+                      jnp.arange(nb))
+  Q = Q.reshape(nb * B, N1)
+  if rest:
+    Q = jnp.concatenate([Q, block(U, nb * B, rest)[1]])
+  return Q
+
+
 @functools.partial(jax.jit, static_argnames=("block_size", "same"))
 def _gpfq_data(W, X, Xt, levels, block_size: int, same: bool) -> jax.Array:
-  """Blocked data form; padding inputs are dead features (zero columns) and are dropped."""
-  (N0, N1), m, B = W.shape, X.shape[0], block_size
-  nb = -(-N0 // B)
-
-  def blocks(Z):  # (m, N0) -> (nb, m, B)
-    return _pad_rows(Z.T, nb * B).reshape(nb, B, m).transpose(0, 2, 1)
-
-  def block(U, xs):
-    x, xt, w = xs
-    Hb = _tmm(xt, xt)
-    Gb = Hb if same else _tmm(xt, x)
-    A = _tmm(xt, U) + _mm(jnp.tril(Gb), w)
-    q = _quantize_block(A, Hb, levels)
-    U = U + _mm(x, w - q) if same else U + _mm(x, w) - _mm(xt, q)
-    return U, q
-
-  Xb = blocks(X)
-  Xtb = Xb if same else blocks(Xt)
-  U0 = jnp.zeros((m, N1), W.dtype)
-  _, Q = jax.lax.scan(block, U0, (Xb, Xtb, _pad_rows(W, nb * B).reshape(nb, B, N1)))
-  return Q.reshape(nb * B, N1)[:N0]
+  """The data form on one device."""
+  return _gpfq_data_body(W, X, Xt, levels, block_size, same, psum=lambda t: t)
 
 
 @functools.partial(jax.jit, static_argnames=("block_size",))
 def _gpfq_gram(W, H, G, levels, block_size: int) -> jax.Array:
   """Gram form in lazy blocks: per block one (B, N0) x (N0, N1) GEMM brings in all earlier q's."""
-  (N0, N1), B = W.shape, block_size
-  nb = -(-N0 // B)
-  n = nb * B
-  Hp = _pad_rows(_pad_rows(H, n).T, n)  # H is symmetric
-  GW = _mm(jnp.tril(_pad_rows(_pad_rows(G.T, n).T, n)), _pad_rows(W, n))
+  (N0, N1), B = W.shape, min(block_size, W.shape[0])
+  n = -(-N0 // B) * B
+  pad = ((0, n - N0), (0, n - N0))  # padded inputs are dead features, dropped at the end
+  Hp = jnp.pad(H, pad)
+  GW = _mm(jnp.tril(jnp.pad(G, pad)), _pad_rows(W, n))
 
   def block(Q, k):
     s = k * B
@@ -115,18 +125,18 @@ def _gpfq_gram(W, H, G, levels, block_size: int) -> jax.Array:
     q = _quantize_block(A, jax.lax.dynamic_slice(H_rows, (0, s), (B, B)), levels)
     return jax.lax.dynamic_update_slice(Q, q, (s, 0)), None
 
-  Q, _ = jax.lax.scan(block, jnp.zeros((n, N1), W.dtype), jnp.arange(nb))
+  Q, _ = jax.lax.scan(block, jnp.zeros((n, N1), W.dtype), jnp.arange(n // B))
   return Q[:N0]
 
 
 @jax.jit
-def _gram_chunk(x, xt):
-  return _tmm(xt, xt), _tmm(xt, x)
+def _add_gram(H, G, x, xt):
+  return H + _tmm(xt, xt), G + _tmm(xt, x)
 
 
 @jax.jit
-def _gram_chunk_same(x):
-  return _tmm(x, x)
+def _add_gram_same(H, x):
+  return H + _tmm(x, x)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -198,34 +208,43 @@ def _chunks(W, X, X_tilde) -> Iterable[tuple[Any, Any]]:
 def _gram(W, X, X_tilde, dtype) -> tuple[jax.Array, jax.Array]:
   """H = Xt^T Xt and G = Xt^T X accumulated over chunks (memory O(N0^2), whatever m)."""
   N0 = W.shape[0]
-  H = jnp.zeros((N0, N0), dtype)
-  G = jnp.zeros((N0, N0), dtype)
+  H = G = jnp.zeros((N0, N0), dtype)
+  same = True
   for x, xt in _chunks(W, X, X_tilde):
-    if x is xt:
-      h = _gram_chunk_same(jnp.asarray(x, dtype))
-      H, G = H + h, G + h
+    previous = H
+    if x is xt and same:
+      H = G = _add_gram_same(H, jnp.asarray(x, dtype))
     else:
-      h, g = _gram_chunk(jnp.asarray(x, dtype), jnp.asarray(xt, dtype))
-      H, G = H + h, G + g
+      same = False
+      H, G = _add_gram(H, G, jnp.asarray(x, dtype), jnp.asarray(xt, dtype))
+    # Wait for the previous chunk's GEMM: without it, asynchronous dispatch lets a fast producer
+    # queue every chunk in memory.
+    if not isinstance(previous, jax.core.Tracer):
+      previous.block_until_ready()
   return H, G
 
 
-def _flops(m: int, N0: int, N1: int, same: bool) -> tuple[float, float]:
-  """(data form, Gram form) flop counts as implemented (X = X_tilde halves the data GEMMs)."""
-  data = (4.0 if same else 6.0) * m * N0 * N1
+# The data form's GEMMs are thin (B or N1 wide) and run at ~2/3 the rate of the Gram form's
+# square ones (measured with XLA:CPU), so its flops weigh 1.5x in the "auto" choice.
+_DATA_FORM_WEIGHT = 1.5
+
+
+def _flops(m: int, N0: int, N1: int, B: int, same: bool) -> tuple[float, float]:
+  """(data form, Gram form) flop counts as implemented; X = X_tilde drops the G and X_b terms."""
+  data = (4.0 if same else 6.0) * m * N0 * N1 + (2.0 if same else 4.0) * m * N0 * B
   gram = (2.0 if same else 4.0) * m * N0 * N0 + 4.0 * N0 * N0 * N1
   return data, gram
 
 
-def _default_block(method: str, N1: int) -> int:
-  # Data form: the per-block Grams cost ~2 m N0 B each, small next to 6 m N0 N1 only if B << N1.
-  if method == "scan":
-    return int(min(128, max(16, 2 ** int(np.log2(max(N1, 1) / 4)))))
-  return 128
+def _auto_method(m: int, N0: int, N1: int, B: int, same: bool) -> str:
+  """The "auto" choice for array input (shared with `qjax.gpfq.sharded`)."""
+  data, gram = _flops(m, N0, N1, min(B, N0), same)
+  return "scan" if _DATA_FORM_WEIGHT * data <= gram else "gram"
 
 
 def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "auto",
-               block_size: int | None = None, dtype: Any = jnp.float32) -> jax.Array:
+               block_size: int | None = None, dtype: Any = jnp.float32, mesh: Any = None,
+               data_axis: str | None = "data", model_axis: str | None = "model") -> jax.Array:
   """Quantize one layer with GPFQ (paper Eq. 7-8), all neurons (columns of W) in parallel.
 
   Args:
@@ -235,19 +254,33 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     X_tilde: quantized-network layer input (m, N0), same rows as X; None means X_tilde = X (the
       single-layer setting of Eq. 9).
     levels: the alphabet, 1-D (e.g. from `qjax.alphabets.levels_for`); sorted here.
-    method: "scan" (blocked data form), "gram" (exact Gram form) or "auto": the one with fewer
-      flops (data ~6 m N0 N1, Gram ~4 m N0^2 + 4 N0^2 N1; halved data terms when X is X_tilde).
-      Streamed input always uses the Gram form under "auto"; "scan" concatenates the chunks.
+    method: "scan" (blocked data form), "gram" (exact Gram form) or "auto": the cheaper by flop
+      count, data ~6 m N0 N1 + 4 m N0 B (weighted 1.5x for its thinner GEMMs) against Gram
+      ~4 m N0^2 + 4 N0^2 N1 (X_tilde = X drops the G terms). Streamed input always uses the Gram
+      form under "auto" (m unknown, memory O(N0^2)); "scan" concatenates the chunks first.
     block_size: inputs per block (both forms give the same Q for any value); None picks one.
     dtype: compute dtype (float32 by default).
+    mesh: a `jax.sharding.Mesh`: split the neurons over `model_axis` and the calibration rows
+      over `data_axis` (see `qjax.gpfq.sharded.gpfq_layer_sharded`; same Q). None uses the mesh
+      of `jax.set_mesh` if one is set, else one device.
+    data_axis: mesh axis for the rows (None: not split); only used with a mesh.
+    model_axis: mesh axis for the neurons (None: not split); only used with a mesh.
 
   Returns:
-    Q, shape and dtype of W, every entry in `levels`.
+    Q, shape and dtype of W, every entry in `levels`; with a mesh, sharded
+    P(None, model_axis).
 
   Raises:
     ValueError: on mismatched shapes (naming the argument), NaN/Inf in W, X or X_tilde, empty
-      levels or an unknown method.
+      levels or an unknown method; with a mesh, an axis not in it or N1 not divisible by the
+      size of `model_axis`.
   """
+  from qjax.gpfq import sharded  # imported here: sharded builds on this module's kernels
+  mesh = sharded.resolve_mesh(mesh)
+  if mesh is not None:
+    return sharded.gpfq_layer_sharded(W, X, X_tilde, levels, mesh=mesh, method=method,
+                                      data_axis=data_axis, model_axis=model_axis,
+                                      block_size=block_size, dtype=dtype)
   _check_W(W)
   levels = _check_levels(levels, dtype)
   if method not in ("auto", "scan", "gram"):
@@ -261,23 +294,23 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     pairs = list(_chunks(W, X, None))
     X = jnp.concatenate([jnp.asarray(x, dtype) for x, _ in pairs])
     X_tilde = jnp.concatenate([jnp.asarray(xt, dtype) for _, xt in pairs])
+  same = X_tilde is None or X_tilde is X
+  # 128 keeps the block GEMMs efficient; the data form's block Grams add ~4 m N0 B flops.
+  B = block_size or 128
   if _is_array(X):
-    same = X_tilde is None or X_tilde is X
     if method == "auto":
-      data, gram = _flops(X.shape[0], N0, N1, same)
-      method = "scan" if data <= gram else "gram"
+      method = _auto_method(X.shape[0], N0, N1, B, same)
   else:
     method = "gram"
-
-  B = block_size or _default_block(method, N1)
   if method == "scan":
     (x, xt), = _chunks(W, X, X_tilde)
-    Q = _gpfq_data(W32, jnp.asarray(x, dtype), jnp.asarray(xt, dtype), levels,
-                   block_size=int(B), same=same)
+    x = jnp.asarray(x, dtype)
+    Q = _gpfq_data(W32, x, x if same else jnp.asarray(xt, dtype), levels, block_size=int(B),
+                   same=same)
   else:
     H, G = _gram(W, X, X_tilde, dtype)
     Q = _gpfq_gram(W32, H, G, levels, block_size=int(B))
-  return Q.astype(W.dtype)
+  return Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
 
 
 @jax.jit
@@ -312,7 +345,7 @@ def gpfq_residuals(W: Any, X: Any, X_tilde: Any, levels: Any,
   _check_pair(W.shape[0], X, X_tilde)
   Q, norms = _residual_scan(jnp.asarray(W, dtype), jnp.asarray(X, dtype),
                             jnp.asarray(X_tilde, dtype), levels)
-  return Q.astype(W.dtype), norms
+  return Q.astype(jax.dtypes.canonicalize_dtype(W.dtype)), norms
 
 
 @jax.jit

@@ -30,15 +30,16 @@ from tqdm.auto import tqdm
 
 from qjax import alphabets
 from qjax import capture as capture_lib
+from qjax.gpfq import sharded
 from qjax.gpfq.layer import gpfq_layer
 
 PyTree = Any
-Rule = Literal["paper", "reference"]
+Rule = Literal["paper", "reference", "uniform"]
 Bits = int | Mapping[str, int]
 
 # C for each step rule (Eq. 19 / reference code). Found by grid search on LeNet5 and embedded
 # MNIST (qjax.gpfq.experiment); the paper's ImageNet models used 0.975-1.81 (Table 1).
-DEFAULT_C: dict[str, float] = {"paper": 1.0, "reference": 1.0}
+DEFAULT_C: dict[str, float] = {"paper": 1.0, "reference": 1.0, "uniform": 1.0}
 
 
 class UnsupportedLayerWarning(UserWarning):
@@ -250,7 +251,8 @@ def get_leaf(tree: PyTree, keys: Sequence[str]) -> Any:
 def alphabet(W: jax.Array, bits: int, C: float, rule: Rule) -> tuple[jax.Array, float]:
   """(levels, delta) for a kernel matrix (N0, N1) by the paper's (Eq. 17-19) or the reference
   code's rule; see `qjax.alphabets.levels_for`."""
-  step = alphabets.paper_step if rule == "paper" else alphabets.reference_step
+  step = {"paper": alphabets.paper_step, "reference": alphabets.reference_step,
+          "uniform": alphabets.uniform_step}[rule]
   return alphabets.levels_for(W, bits, C, rule), float(step(W, bits, C))
 
 
@@ -262,7 +264,9 @@ def pad_levels(levels: jax.Array, min_size: int = 17) -> jax.Array:
 
 
 def quantize_kernel(kernel: jax.Array, X: jax.Array, X_tilde: jax.Array, levels: jax.Array, *,
-                    feature_group_count: int = 1, method: str = "auto") -> jax.Array:
+                    feature_group_count: int = 1, method: str = "auto", mesh: Any = None,
+                    data_axis: str | None = "data",
+                    model_axis: str | None = "model") -> jax.Array:
   """GPFQ (Eq. 7-8) for a Dense (N0, N1) or conv HWIO kernel, returned in the same layout.
 
   A conv kernel is reshaped to the (Cin/G*kh*kw, Cout) matrix matching the channel-major patch
@@ -277,14 +281,21 @@ def quantize_kernel(kernel: jax.Array, X: jax.Array, X_tilde: jax.Array, levels:
     levels: sorted 1-D alphabet.
     feature_group_count: G.
     method: passed to `gpfq_layer`.
+    mesh, data_axis, model_axis: passed to `gpfq_layer` (None: the ambient mesh, if any). A
+      layer whose neurons per group do not divide over `model_axis` splits only its rows.
   """
   W = capture_lib.kernel_to_matrix(kernel)
+  mesh = sharded.resolve_mesh(mesh)
+  if mesh is not None and model_axis in mesh.axis_names:  # a bad axis name fails in gpfq_layer
+    if (W.shape[1] // feature_group_count) % mesh.shape[model_axis]:
+      model_axis = None
   same = X_tilde is None or X_tilde is X  # lets gpfq_layer skip the X~ half of the work
   blocks = []
   for rows, cols in capture_lib.group_slices(W.shape[0], W.shape[1], feature_group_count):
     x = X if feature_group_count == 1 else X[:, rows]
     x_tilde = x if same else (X_tilde if feature_group_count == 1 else X_tilde[:, rows])
-    blocks.append(gpfq_layer(W[:, cols], x, x_tilde, levels, method=method))
+    blocks.append(gpfq_layer(W[:, cols], x, x_tilde, levels, method=method, mesh=mesh,
+                             data_axis=data_axis, model_axis=model_axis))
   Q = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
   return capture_lib.matrix_to_kernel(Q.astype(kernel.dtype), kernel.shape)
 
@@ -408,7 +419,8 @@ def _make_data_fn(apply_fn: Callable, apply_kwargs: Mapping[str, Any], step: _St
 def _quantize_network(float_vars: PyTree, batch: PyTree, steps: Sequence[_Step],
                       data_fns: Mapping[int, Callable], *, quantizer: str, C: float, rule: Rule,
                       key: jax.Array, method: str, bias_fn: Callable | None,
-                      progress: bool) -> tuple[PyTree, list[LayerRecord], float | None]:
+                      progress: bool, mesh_options: Mapping[str, Any]
+                      ) -> tuple[PyTree, list[LayerRecord], float | None]:
   """Alg. 1: quantize the layers in call order, each on the inputs of the partly quantized net."""
   q_vars, records, first = float_vars, [], True
   bar = tqdm(steps, desc=f"{quantizer} C={C:g}", disable=not progress, leave=False)
@@ -435,7 +447,7 @@ def _quantize_network(float_vars: PyTree, batch: PyTree, steps: Sequence[_Step],
       # half the work).
       Q = msq_Q if quantizer == "msq" else quantize_kernel(
           kernel, X, X if first else X_tilde, pad_levels(levels), feature_group_count=groups,
-          method=method)
+          method=method, **mesh_options)
       first = False
     q_vars = replace_leaf(q_vars, keys, Q)
     records.append(LayerRecord(
@@ -470,7 +482,8 @@ def _run(quantizer: str, variables: PyTree, apply_fn: Callable, batch: PyTree, *
          bias_correction: bool, patch_p: float, patch_stride: str, key: jax.Array | None,
          method: str, C_grid: Iterable[float] | None, holdout_fraction: float,
          holdout_loss: Callable | None, apply_kwargs: Mapping[str, Any] | None,
-         progress: bool) -> tuple[PyTree, Report]:
+         progress: bool, mesh: Any = None, data_axis: str | None = "data",
+         model_axis: str | None = "model") -> tuple[PyTree, Report]:
   start = time.perf_counter()
   # -- eager validation, cheapest first.
   if not callable(apply_fn):
@@ -479,8 +492,8 @@ def _run(quantizer: str, variables: PyTree, apply_fn: Callable, batch: PyTree, *
     raise ValueError("apply_fn is jax.jit-wrapped: a compiled function runs no Python, so its "
                      "Dense/Conv calls cannot be intercepted; pass the plain `model.apply` "
                      "(qjax jits internally)")
-  if rule not in ("paper", "reference"):
-    raise ValueError(f"rule must be 'paper' or 'reference', got {rule!r}")
+  if rule not in DEFAULT_C:
+    raise ValueError(f"rule must be one of {sorted(DEFAULT_C)}, got {rule!r}")
   if isinstance(bits, Mapping):
     for pattern, b in bits.items():
       _check_bits(b, f"bits[{pattern!r}]")
@@ -534,7 +547,9 @@ def _run(quantizer: str, variables: PyTree, apply_fn: Callable, batch: PyTree, *
                     UserWarning, stacklevel=3)
   run = functools.partial(_quantize_network, steps=steps, data_fns=data_fns,
                           quantizer=quantizer, rule=rule, key=key, method=method,
-                          bias_fn=bias_fn, progress=progress)
+                          bias_fn=bias_fn, progress=progress,
+                          mesh_options=dict(mesh=mesh, data_axis=data_axis,
+                                            model_axis=model_axis))
 
   # -- C: fixed, or grid search on a held-out tail of the batch (Sec. 3.1: "grid search").
   search = ()
@@ -577,7 +592,9 @@ _COMMON_DOC = """
     bits: bits per weight (1 = ternary), or {regex: bits} matched with `re.search` against
       module paths in insertion order, plus an optional 'default' entry.
     C: scale of the step (Eq. 19), default `DEFAULT_C[rule]`.
-    rule: 'paper' (augmented midrise, Eq. 17-19) or 'reference' (midtread, the authors' code).
+    rule: 'paper' (augmented midrise, Eq. 17-19), 'reference' (midtread, the authors' code) or
+      'uniform' (with C = 1 the per-tensor grid of `qjax.quantize_uniform`, 2^b - 1 levels, e.g.
+      for PSGD-trained models).
     skip: regex; layers whose module path it `re.search`es stay float.
     last_layer_float: leave the last Dense/Conv in float (Sec. 3.2.3).
     bias_correction: subtract the mean output error of the last layer from its bias (Sec. 3.2.3).
@@ -591,6 +608,10 @@ _COMMON_DOC = """
     holdout_loss: (quantized outputs, float outputs) -> scalar; default `output_error`.
     apply_kwargs: keyword arguments for apply_fn, e.g. {'train': False}.
     progress: show a tqdm bar over the layers.
+    mesh: (`gpfq` only) a `jax.sharding.Mesh` to run every layer's GPFQ on, neurons split over
+      `model_axis`, calibration rows over `data_axis` (same result as one device); None uses
+      the mesh of `jax.set_mesh` if one is set. The forward passes run as usual.
+    data_axis, model_axis: (`gpfq` only) the mesh axis names; None leaves that dimension whole.
 
   Returns:
     (quantized variables, same tree structure and container types, runnable with the unchanged
@@ -611,13 +632,15 @@ def gpfq(variables: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits = 4
          patch_stride: Literal["kernel", "layer"] = "kernel", key: jax.Array | None = None,
          method: str = "auto", C_grid: Iterable[float] | None = None,
          holdout_fraction: float = 0.2, holdout_loss: Callable | None = None,
-         apply_kwargs: Mapping[str, Any] | None = None,
-         progress: bool = True) -> tuple[PyTree, Report]:
+         apply_kwargs: Mapping[str, Any] | None = None, progress: bool = True,
+         mesh: Any = None, data_axis: str | None = "data",
+         model_axis: str | None = "model") -> tuple[PyTree, Report]:
   return _run("gpfq", variables, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
               last_layer_float=last_layer_float, bias_correction=bias_correction,
               patch_p=patch_p, patch_stride=patch_stride, key=key, method=method,
               C_grid=C_grid, holdout_fraction=holdout_fraction, holdout_loss=holdout_loss,
-              apply_kwargs=apply_kwargs, progress=progress)
+              apply_kwargs=apply_kwargs, progress=progress, mesh=mesh, data_axis=data_axis,
+              model_axis=model_axis)
 
 
 def quantize_msq(variables: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits = 4,

@@ -1,0 +1,246 @@
+"""GPFQ for one layer on a `jax.sharding.Mesh`: neurons over one mesh axis, rows over another.
+
+Neurons (columns of W) never interact in the recursion (paper Eq. 7-8), so the N1 columns are
+split over `model_axis` with no communication at all. The calibration rows (m) enter only through
+inner products, which are sums over rows: each shard of rows computes its partial sums and one
+`psum` adds them. Both exact forms of `qjax.gpfq.layer` are kept, with the same kernels:
+
+* Gram form ("gram"): rows are split over *every* row axis (data and model jointly), each device
+  accumulates its partial H = Xt^T Xt and G = Xt^T X, one psum at the end makes H and G whole and
+  replicated, then each model shard runs `_gpfq_gram` on its own columns. The 4 m N0^2 accumulation
+  (the dominant term) is split over all devices; the 4 N0^2 N1 recursion over `model_axis`.
+* data form ("scan"): rows split over `data_axis`, the state U (m, N1) split (data, model). Per
+  block of B inputs, the projections Xt_b^T U (B, N1/M) and the B x B block Grams are psum'd over
+  `data_axis` (one all-reduce per block); the rest is local. ~6 m N0 N1 / (D M) flops per device.
+
+Q is the single-device Q up to floating-point order: the sums over rows and columns are taken in
+another order, so an argument of Q within rounding error of a tie between two levels can round the
+other way, and that neuron's later steps then follow another path. Small layers match exactly
+(tests/test_sharding.py); at m = 2048, N0 = N1 = 1024 a few neurons of 1024 differ, as between
+the scan and Gram forms on one device (benchmarks/gpfq_sharded.py).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
+
+from qjax.gpfq import layer
+from qjax.gpfq.layer import Method
+
+AnyMesh = Mesh | AbstractMesh
+
+
+# ------------------------------------------------------------------------------------------------
+# Mesh resolution and validation.
+
+
+def resolve_mesh(mesh: AnyMesh | None = None) -> AnyMesh | None:
+  """`mesh` itself, else the mesh set by `jax.set_mesh`, else None (run on one device).
+
+  The ambient mesh is concrete outside jit (inputs can then be placed on it directly), abstract
+  under jit.
+  """
+  if mesh is not None:
+    return mesh
+  abstract = jax.sharding.get_abstract_mesh()
+  if abstract.empty:
+    return None
+  try:
+    concrete = jax.sharding.get_mesh()
+  except ValueError:  # raised under jit, where only the abstract mesh is visible
+    return abstract
+  return abstract if concrete.empty else concrete
+
+
+def _axis_size(mesh: AnyMesh, axis: str | None) -> int:
+  return 1 if axis is None else mesh.shape[axis]
+
+
+def _check_axes(mesh: AnyMesh, data_axis: str | None, model_axis: str | None) -> None:
+  if not isinstance(mesh, (Mesh, AbstractMesh)):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+  for name, axis in (("data_axis", data_axis), ("model_axis", model_axis)):
+    if axis is not None and axis not in mesh.axis_names:
+      raise ValueError(f"{name}={axis!r} is not an axis of the mesh {tuple(mesh.axis_names)}")
+  if data_axis is not None and data_axis == model_axis:
+    raise ValueError(f"data_axis and model_axis must differ, both are {data_axis!r}")
+
+
+def _is_tracer(a: Any) -> bool:
+  return isinstance(a, jax.core.Tracer)
+
+
+def _pad_rows_to(a: Any, multiple: int) -> Any:
+  """Zero rows up to a multiple of the row shards: exact, a zero row adds 0 to every sum."""
+  extra = -a.shape[0] % multiple
+  if not extra:
+    return a
+  pad = ((0, extra), (0, 0))
+  return np.pad(a, pad) if isinstance(a, np.ndarray) else jnp.pad(a, pad)
+
+
+def _placer(mesh: AnyMesh, dtype) -> Callable[[Any, P], Any]:
+  """Puts each input on the shards its in_spec asks for.
+
+  Eager arrays go straight to their shards (host data is never gathered on one device first).
+  Traced values are resharded inside the jit: explicitly on Explicit mesh axes (their sharding is
+  part of the type and must match the in_spec), by shard_map itself on Auto axes.
+  """
+  explicit = jax.sharding.AxisType.Explicit in mesh.axis_types
+
+  def place(a: Any, spec: P) -> Any:
+    if _is_tracer(a) or not isinstance(mesh, Mesh):
+      a = jnp.asarray(a, dtype)
+      return jax.reshard(a, NamedSharding(mesh, spec)) if explicit else a
+    a = a.astype(dtype, copy=False) if isinstance(a, np.ndarray) else jnp.asarray(a).astype(dtype)
+    return jax.device_put(a, NamedSharding(mesh, spec))
+
+  return place
+
+
+# ------------------------------------------------------------------------------------------------
+# The two forms under shard_map.
+
+
+@functools.lru_cache(maxsize=None)
+def _gram_fns(mesh: AnyMesh, row_axes: tuple[str, ...], same: bool):
+  """(grams, total): one chunk's per-row-shard [H, G] ([H] if X is X_tilde), and their psum."""
+  rows = P(row_axes or None)
+
+  def grams(x, xt):  # -> (1, k, N0, N0), [H] or [H, G]: this row shard's contribution
+    if same:
+      return layer._tmm(x, x)[None, None]
+    return jnp.stack([layer._tmm(xt, xt), layer._tmm(xt, x)])[None]
+
+  def total(S):  # the only communication of the Gram form: one all-reduce of k N0^2 floats
+    return jax.lax.psum(S[0], row_axes) if row_axes else S[0]
+
+  grams = jax.jit(jax.shard_map(grams, mesh=mesh, in_specs=(P(row_axes or None, None),) * 2,
+                                out_specs=rows))
+  total = jax.jit(jax.shard_map(total, mesh=mesh, in_specs=rows, out_specs=P()))
+  return grams, total
+
+
+@functools.lru_cache(maxsize=None)
+def _recursion_fn(mesh: AnyMesh, data_axis: str | None, model_axis: str | None, method: str,
+                  block_size: int, same: bool):
+  """The jitted shard_map of one form's recursion: W columns over `model_axis`, Q likewise."""
+  cols = P(None, model_axis)
+  if method == "gram":
+    body = functools.partial(layer._gpfq_gram, block_size=block_size)
+    in_specs = (cols, P(), P(), P())
+  else:
+    psum = (lambda t: jax.lax.psum(t, data_axis)) if data_axis else (lambda t: t)
+    body = functools.partial(layer._gpfq_data_body, block_size=block_size, same=same, psum=psum)
+    rows = P(data_axis, None)
+    in_specs = (cols, rows, rows, P())
+  # check_vma=False: the scan carries (U, Q) start as zeros, replicated, and become per-shard
+  # values; their replication is known here (Q is identical across data shards) but not typed.
+  return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=cols,
+                               check_vma=False))
+
+
+def gpfq_layer_sharded(W: Any, X: Any, X_tilde: Any, levels: Any, *, mesh: AnyMesh | None = None,
+                       method: Method = "auto", data_axis: str | None = "data",
+                       model_axis: str | None = "model", block_size: int | None = None,
+                       dtype: Any = jnp.float32) -> jax.Array:
+  """`qjax.gpfq.layer.gpfq_layer` with neurons and calibration rows split over a device mesh.
+
+  What is sharded (D = size of `data_axis`, M = size of `model_axis`):
+
+  * W (N0, N1) and Q: columns (neurons) over `model_axis`, P(None, model_axis).
+  * method "gram": X, X_tilde rows over both axes, P((data_axis, model_axis), None); H and G
+    (N0, N0) are psum'd once and replicated. Per device: 4 m N0^2 / (D M) + 4 N0^2 N1 / M flops,
+    memory 2 N0^2 + the local rows.
+  * method "scan": X, X_tilde rows over `data_axis`, P(data_axis, None); U (m, N1) over
+    (data_axis, model_axis). Per block of B inputs one psum over `data_axis` of (B, N1/M + 2B)
+    floats. Per device ~6 m N0 N1 / (D M) flops, memory (m/D) (2 N0 + N1/M).
+
+  Axes may be None (that dimension is not split); other mesh axes replicate. The method "auto"
+  picks exactly as `gpfq_layer` does (global flop counts), so both give the same Q.
+
+  Args:
+    W: float kernel (N0, N1); N1 must be divisible by the size of `model_axis`.
+    X: float-network layer input (m, N0), any m (zero rows pad it to a multiple of the row
+      shards, which is exact); or an iterable of (X_chunk, X_tilde_chunk) pairs (Gram form).
+    X_tilde: quantized-network layer input (m, N0); None means X_tilde = X.
+    levels: the alphabet, 1-D; sorted here.
+    mesh: the device mesh; None uses the mesh set by `jax.set_mesh`, and if there is none,
+      runs `gpfq_layer` on one device.
+    method: "auto", "scan" or "gram" (see `gpfq_layer`).
+    data_axis: mesh axis name splitting the calibration rows.
+    model_axis: mesh axis name splitting the neurons.
+    block_size: inputs per block (None: 128, as `gpfq_layer`).
+    dtype: compute dtype.
+
+  Returns:
+    Q (N0, N1) with W's dtype, every entry in `levels`, sharded
+    NamedSharding(mesh, P(None, model_axis)) (replicated over the other axes).
+
+  Raises:
+    ValueError: as `gpfq_layer`, and for an axis name not in the mesh, equal axes, or N1 not
+      divisible by the size of `model_axis` (naming the argument).
+  """
+  mesh = resolve_mesh(mesh)
+  if mesh is None:
+    return layer.gpfq_layer(W, X, X_tilde, levels, method=method, block_size=block_size,
+                            dtype=dtype)
+  _check_axes(mesh, data_axis, model_axis)
+  layer._check_W(W)
+  levels = layer._check_levels(levels, dtype)
+  if method not in ("auto", "scan", "gram"):
+    raise ValueError(f"method must be 'auto', 'scan' or 'gram', got {method!r}")
+  if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  N0, N1 = W.shape
+  D, M = _axis_size(mesh, data_axis), _axis_size(mesh, model_axis)
+  if N1 % M:
+    raise ValueError(f"W has N1={N1} columns (neurons), not divisible by the size {M} of "
+                     f"model_axis={model_axis!r}; pad W with zero columns and drop them from Q")
+
+  if not layer._is_array(X) and method == "scan":  # materialise the stream for the data form
+    pairs = list(layer._chunks(W, X, None))
+    X = jnp.concatenate([jnp.asarray(x, dtype) for x, _ in pairs])
+    X_tilde = jnp.concatenate([jnp.asarray(xt, dtype) for _, xt in pairs])
+  same = layer._is_array(X) and (X_tilde is None or X_tilde is X)
+  B = int(block_size or 128)
+  if method == "auto":  # exactly gpfq_layer's choice, so both run the same form
+    if layer._is_array(X):
+      method = layer._auto_method(X.shape[0], N0, N1, B, same)
+    else:
+      method = "gram"
+
+  place = _placer(mesh, dtype)
+  cols = P(None, model_axis)
+  recursion = _recursion_fn(mesh, data_axis, model_axis, method, B, same)
+  W32 = place(W, cols)
+  levels = place(levels, P())
+  if method == "scan":
+    (x, xt), = layer._chunks(W, X, X_tilde)
+    rows = P(data_axis, None)
+    x = place(_pad_rows_to(x, D), rows)
+    xt = x if same else place(_pad_rows_to(xt, D), rows)
+    Q = recursion(W32, x, xt, levels)
+  else:
+    row_axes = tuple(a for a in (data_axis, model_axis) if a is not None)
+    grams, total = _gram_fns(mesh, row_axes, same)
+    n = D * M
+    rows = P(row_axes or None, None)
+    S = None  # (D M, k, N0, N0): partial sums stay on their row shard until the one psum
+    for x, xt in layer._chunks(W, X, X_tilde):
+      previous = S
+      x = place(_pad_rows_to(x, n), rows)
+      s = grams(x, x if same else place(_pad_rows_to(xt, n), rows))
+      S = s if S is None else S + s
+      # As layer._gram: wait for the previous chunk, or a fast producer queues every chunk.
+      if previous is not None and not _is_tracer(previous):
+        previous.block_until_ready()
+    HG = total(S)
+    H, G = HG[0], HG[-1]
+    Q = recursion(W32, H, G, levels)
+  return Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
