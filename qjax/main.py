@@ -175,18 +175,29 @@ def _fmt(v) -> str:
 
 
 def plot(rows: list[dict], float_accuracy: float, path: str) -> None:
+  """Accuracy vs bits per weight; with pruning rows, a second panel of accuracy vs sparsity."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for method in dict.fromkeys(r["method"] for r in rows):
-    pts = sorted((r["bits"], r["accuracy"]) for r in rows
-                 if r["method"] == method and isinstance(r["bits"], (int, float)))
-    if pts:
-      ax.plot(*zip(*pts), marker="o", label=method)
-  ax.axhline(float_accuracy, color="k", ls="--", lw=1, label="float")
+  quantized = [r for r in rows if "sparsity" not in r and isinstance(r["bits"], (int, float))
+               and r["bits"] <= 16]
+  pruned = [r for r in rows if "sparsity" in r]
+  fig, axes = plt.subplots(1, 2 if pruned else 1, figsize=(11 if pruned else 6, 4), squeeze=False)
+  ax = axes[0, 0]
+  for method in dict.fromkeys(r["method"] for r in quantized):
+    pts = sorted((r["bits"], r["accuracy"]) for r in quantized if r["method"] == method)
+    ax.plot(*zip(*pts), marker="o", label=method)
   ax.set(xlabel="bits per weight", ylabel="top-1 accuracy (%)", title="accuracy vs bits")
-  ax.legend(fontsize=8)
+  if pruned:
+    sub = axes[0, 1]
+    for name in dict.fromkeys((r["method"], r.get("prune_scope", "")) for r in pruned):
+      pts = sorted((100 * r["sparsity"], r["accuracy"]) for r in pruned
+                   if (r["method"], r.get("prune_scope", "")) == name)
+      sub.plot(*zip(*pts), marker="o", label=" ".join(x for x in name if x))
+    sub.set(xlabel="sparsity (%)", ylabel="top-1 accuracy (%)", title="accuracy vs sparsity")
+  for a in axes[0]:
+    a.axhline(float_accuracy, color="k", ls="--", lw=1, label="float")
+    a.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
