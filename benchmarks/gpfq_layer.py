@@ -18,6 +18,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,14 +33,15 @@ QUICK_STREAM = dict(rows=32_768, chunk=8192, N0=1024, N1=1024)
 REPEATS = 5
 
 
-def median_seconds(fn, repeats: int = REPEATS) -> float:
-  jax.block_until_ready(fn())  # compile
+def median_seconds(fn, repeats: int = REPEATS) -> tuple[float, Any]:
+  """Median seconds of `repeats` calls after a compile call, and the compile call's output."""
+  out = jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return statistics.median(times), out
 
 
 def layer(m: int, N0: int, N1: int, seed: int = 0):
@@ -54,14 +56,14 @@ def layer(m: int, N0: int, N1: int, seed: int = 0):
 def gemm_gflops(m: int, N0: int, X: jax.Array, Xt: jax.Array) -> float:
   """Measured float32 GEMM rate on an (N0 x m) @ (m x N0) product (the Gram form's GEMM)."""
   gram = jax.jit(lambda a, b: jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST))
-  return 2.0 * m * N0 * N0 / median_seconds(lambda: gram(Xt, X)) / 1e9
+  return 2.0 * m * N0 * N0 / median_seconds(lambda: gram(Xt, X))[0] / 1e9
 
 
 def speed(shapes) -> list[dict]:
   rows = []
   for m, N0, N1 in shapes:
     W, X, Xt, levels = layer(m, N0, N1)
-    seconds = {method: median_seconds(lambda: gpfq_layer(W, X, Xt, levels, method=method))
+    seconds = {method: median_seconds(lambda: gpfq_layer(W, X, Xt, levels, method=method))[0]
                for method in ("scan", "gram", "auto")}
     gflops = gemm_gflops(m, N0, X, Xt)
     floor_flops = min(6.0 * m * N0 * N1, 4.0 * m * N0 * N0 + 2.0 * N0 * N0 * N1)

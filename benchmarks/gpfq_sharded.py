@@ -24,15 +24,12 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
 import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import statistics  # noqa: E402
-import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
-from qjax import alphabets  # noqa: E402
+from gpfq_layer import layer, median_seconds  # noqa: E402  (the one-device benchmark's)
 from qjax.gpfq.layer import gpfq_layer  # noqa: E402
 from qjax.gpfq.sharded import gpfq_layer_sharded  # noqa: E402
 
@@ -40,24 +37,6 @@ SHAPES = ((8192, 512, 512), (2048, 1024, 1024))
 QUICK_SHAPES = ((2048, 256, 256),)
 MESHES = ((8, 1), (2, 4), (1, 8))
 REPEATS = 3
-
-
-def median_seconds(fn, repeats: int = REPEATS) -> tuple[float, jax.Array]:
-  out = jax.block_until_ready(fn())  # compile
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
-
-
-def layer(m: int, N0: int, N1: int, seed: int = 0):
-  kw, kx, kn = jax.random.split(jax.random.key(seed), 3)
-  W = jax.random.normal(kw, (N0, N1), jnp.float32) / N0**0.5
-  X = jax.nn.relu(jax.random.normal(kx, (m, N0), jnp.float32))
-  Xt = X + 0.05 * jax.random.normal(kn, (m, N0), jnp.float32)
-  return W, X, Xt, alphabets.levels_for(W, 4, 1.0)
 
 
 def differ(Q: jax.Array, ref: jax.Array, vs: str) -> dict:
@@ -72,7 +51,8 @@ def run(shapes) -> list[dict]:
     W, X, Xt, levels = layer(m, N0, N1)
     refs = {method: gpfq_layer(W, X, Xt, levels, method=method) for method in ("scan", "gram")}
     for method, other in (("scan", "gram"), ("gram", "scan")):
-      single, ref = median_seconds(lambda: gpfq_layer(W, X, Xt, levels, method=method))
+      single, ref = median_seconds(lambda: gpfq_layer(W, X, Xt, levels, method=method),
+                                   REPEATS)
       rows.append(dict(m=m, N0=N0, N1=N1, method=method, mesh="1 device", seconds=single,
                        vs_single=1.0, differ=differ(ref, refs[other], f"{other}, 1 device")))
       for D, M in MESHES:
@@ -81,7 +61,7 @@ def run(shapes) -> list[dict]:
         x, xt = (jax.device_put(a, NamedSharding(mesh, row_spec)) for a in (X, Xt))
         w = jax.device_put(W, NamedSharding(mesh, P(None, "model")))
         seconds, Q = median_seconds(
-            lambda: gpfq_layer_sharded(w, x, xt, levels, mesh=mesh, method=method))
+            lambda: gpfq_layer_sharded(w, x, xt, levels, mesh=mesh, method=method), REPEATS)
         rows.append(dict(m=m, N0=N0, N1=N1, method=method, mesh=f"{D}x{M}", seconds=seconds,
                          vs_single=seconds / single, differ=differ(Q, ref, f"{method}, 1 device")))
       for r in rows[-1 - len(MESHES):]:

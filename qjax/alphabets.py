@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.rounding import grid_half
+
 
 def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
@@ -152,8 +154,7 @@ def uniform_step(W: Any, bits: int, C: float = 1.0) -> jax.Array:
   W = _check_kernel(W)
   bits = _check_int(bits, "bits", 1)
   _check_positive(C, "C")
-  half = max(2 ** (bits - 1) - 1, 1)
-  return _checked_step(C * jnp.max(jnp.abs(W)) / half, "uniform_step")
+  return _checked_step(C * jnp.max(jnp.abs(W)) / grid_half(bits), "uniform_step")
 
 
 def levels_for(W: Any, bits: int, C: float,
@@ -174,7 +175,7 @@ def levels_for(W: Any, bits: int, C: float,
   if rule == "reference":
     return midtread(K, reference_step(W, bits, C))
   if rule == "uniform":
-    return midtread(max(K - 1, 1), uniform_step(W, bits, C))
+    return midtread(grid_half(bits), uniform_step(W, bits, C))
   raise ValueError(f"rule must be 'paper', 'reference' or 'uniform', got {rule!r}")
 
 

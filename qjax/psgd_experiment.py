@@ -16,6 +16,7 @@ import ml_collections
 import optax
 
 import qjax
+from qjax import main
 from qjax import psgd as psgd_lib
 from qjax.gpfq import experiment as gpfq_experiment
 from qjax.rounding import kernel_mask
@@ -78,10 +79,15 @@ def kernel_paths(params: PyTree) -> list[str]:
   return paths
 
 
+def _edge_kernels(params: PyTree, bits: int) -> set[str]:
+  """The first and last kernel paths when bits < 4 (they keep `edge_bits`), else none."""
+  paths = kernel_paths(params)
+  return {paths[0], paths[-1]} if bits < 4 else set()
+
+
 def layer_bits(params: PyTree, bits: int, edge_bits: int) -> Callable[[str], int]:
   """`bits` everywhere, `edge_bits` for the first and last kernel when bits < 4."""
-  paths = kernel_paths(params)
-  edges = {paths[0], paths[-1]} if bits < 4 else set()
+  edges = _edge_kernels(params, bits)
   return lambda path: edge_bits if path in edges else bits
 
 
@@ -144,9 +150,8 @@ def train_psgd(ctx, bits: int | None) -> PyTree:
 
 def gpfq_bits(params: PyTree, bits: int, edge_bits: int) -> dict[str, int]:
   """`layer_bits` as a `qjax.gpfq` bits mapping {module-path regex: bits, 'default': bits}."""
-  paths = kernel_paths(params)
-  edges = (paths[0], paths[-1]) if bits < 4 else ()
-  mapping = {f"^{re.escape(p[:-len('/kernel')])}$": edge_bits for p in edges}
+  mapping = {f"^{re.escape(p[:-len('/kernel')])}$": edge_bits
+             for p in sorted(_edge_kernels(params, bits))}
   return {**mapping, "default": bits}
 
 
@@ -177,9 +182,9 @@ def rows(ctx, trained: dict | None = None) -> list[dict]:
   out = []
 
   def row(method, bits, variables, seconds, **extra):
-    acc = ctx.evaluate(variables, "test")
-    out.append({"method": method, "bits": bits, "accuracy": round(acc, 2),
-                "drop": round(base - acc, 2), "seconds": round(seconds, 2), **extra})
+    # `extra` may hold a float_accuracy column, which is also main.row's parameter name.
+    out.append({**main.row(method, bits, ctx.evaluate(variables, "test"), base, seconds),
+                **extra})
 
   for bits in c.bits:
     t = time.time()

@@ -31,16 +31,21 @@ def check_bits(bits: Any, name: str = "bits") -> int:
   return int(bits)
 
 
+def grid_half(bits: int) -> int:
+  """Positive levels of the b-bit per-tensor grid, 2^(b-1) - 1 (1 at b = 1: ternary)."""
+  return max(2 ** (bits - 1) - 1, 1)
+
+
 def uniform_grid_step(w: jax.Array, bits: int) -> jax.Array:
   """delta = absmax / (2^(b-1) - 1); for b = 1 the grid is {-absmax, 0, absmax} (ternary)."""
-  half = max(2 ** (bits - 1) - 1, 1)
+  half = grid_half(bits)
   absmax = jnp.max(jnp.abs(w))
   return jnp.where(absmax > 0, absmax / half, jnp.ones_like(absmax))
 
 
 def round_to_uniform_grid(w: jax.Array, bits: int) -> jax.Array:
   """Round a tensor to its per-tensor symmetric grid delta * {-(2^(b-1)-1), ..., 2^(b-1)-1}."""
-  half = max(2 ** (bits - 1) - 1, 1)
+  half = grid_half(bits)
   delta = uniform_grid_step(w, bits)
   return (jnp.clip(jnp.round(w / delta), -half, half) * delta).astype(w.dtype)
 

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from qjax import main
 from qjax.gpfq import network
 
 
@@ -74,17 +75,15 @@ def _holdout_loss(cfg, y: np.ndarray):
   if cfg.holdout_loss != "cross_entropy":
     raise ValueError(f"config.gpfq.holdout_loss must be 'cross_entropy' or 'output', got "
                      f"{cfg.holdout_loss!r}")
-  n_hold = max(1, round(cfg.holdout_fraction * y.shape[0]))
+  n_hold = network.holdout_size(y.shape[0], cfg.holdout_fraction)
   labels = jnp.asarray(y[y.shape[0] - n_hold:])
   return lambda q_out, _: optax.softmax_cross_entropy_with_integer_labels(q_out, labels).mean()
 
 
 def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dict:
-  return {"method": method, "bits": bits, "accuracy": round(acc, 2),
-          "drop": round(ctx.float_accuracy - acc, 2), "seconds": round(seconds, 2),
-          "C": report.C,
-          "layers": {r.path: (None if r.error is None else round(r.error, 4))
-                     for r in report.layers}}
+  return main.row(method, bits, acc, ctx.float_accuracy, seconds, C=report.C,
+                  layers={r.path: (None if r.error is None else round(r.error, 4))
+                          for r in report.layers})
 
 
 def quantize(ctx, variables: dict, bits: network.Bits, **overrides) -> tuple[dict, Any, float]:
@@ -132,8 +131,8 @@ def rows(ctx) -> list[dict]:
   cfg = _config(ctx)
   x, _ = _calibration(ctx, cfg)
   # MSQ's report uses the rows GPFQ was fitted on (and its compiled data functions).
-  x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - max(1, round(cfg.holdout_fraction
-                                                                          * x.shape[0]))]
+  x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - network.holdout_size(
+      x.shape[0], cfg.holdout_fraction)]
   out = []
   for bits in cfg.bits:
     q_vars, report, seconds = quantize(ctx, ctx.variables, int(bits))

@@ -242,6 +242,33 @@ def _auto_method(m: int, N0: int, N1: int, B: int, same: bool) -> str:
   return "scan" if _DATA_FORM_WEIGHT * data <= gram else "gram"
 
 
+def _prepare(W: Any, X: Any, X_tilde: Any, levels: Any, method: Method, block_size: int | None,
+             dtype: Any) -> tuple[jax.Array, Any, Any, bool, int, str]:
+  """Checks and choices shared by `gpfq_layer` and `qjax.gpfq.sharded.gpfq_layer_sharded`.
+
+  Returns:
+    (sorted levels, X, X_tilde, same, block size B, method): a stream is materialised when the
+    data form is asked for; `same` is True when X_tilde is X (array input only); "auto" is
+    resolved by flop count, to "gram" for a stream (m unknown, memory O(N0^2)).
+  """
+  _check_W(W)
+  levels = _check_levels(levels, dtype)
+  if method not in ("auto", "scan", "gram"):
+    raise ValueError(f"method must be 'auto', 'scan' or 'gram', got {method!r}")
+  if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if not _is_array(X) and method == "scan":  # materialise the stream for the data form
+    pairs = list(_chunks(W, X, None))
+    X = jnp.concatenate([jnp.asarray(x, dtype) for x, _ in pairs])
+    X_tilde = jnp.concatenate([jnp.asarray(xt, dtype) for _, xt in pairs])
+  same = _is_array(X) and (X_tilde is None or X_tilde is X)
+  # 128 keeps the block GEMMs efficient; the data form's block Grams add ~4 m N0 B flops.
+  B = int(block_size or 128)
+  if method == "auto":
+    method = _auto_method(X.shape[0], *W.shape, B, same) if _is_array(X) else "gram"
+  return levels, X, X_tilde, same, B, method
+
+
 def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "auto",
                block_size: int | None = None, dtype: Any = jnp.float32, mesh: Any = None,
                data_axis: str | None = "data", model_axis: str | None = "model") -> jax.Array:
@@ -281,35 +308,17 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     return sharded.gpfq_layer_sharded(W, X, X_tilde, levels, mesh=mesh, method=method,
                                       data_axis=data_axis, model_axis=model_axis,
                                       block_size=block_size, dtype=dtype)
-  _check_W(W)
-  levels = _check_levels(levels, dtype)
-  if method not in ("auto", "scan", "gram"):
-    raise ValueError(f"method must be 'auto', 'scan' or 'gram', got {method!r}")
-  if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
-    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-  N0, N1 = W.shape
+  levels, X, X_tilde, same, B, method = _prepare(W, X, X_tilde, levels, method, block_size,
+                                                 dtype)
   W32 = jnp.asarray(W, dtype)
-
-  if not _is_array(X) and method == "scan":  # materialise the stream for the data form
-    pairs = list(_chunks(W, X, None))
-    X = jnp.concatenate([jnp.asarray(x, dtype) for x, _ in pairs])
-    X_tilde = jnp.concatenate([jnp.asarray(xt, dtype) for _, xt in pairs])
-  same = X_tilde is None or X_tilde is X
-  # 128 keeps the block GEMMs efficient; the data form's block Grams add ~4 m N0 B flops.
-  B = block_size or 128
-  if _is_array(X):
-    if method == "auto":
-      method = _auto_method(X.shape[0], N0, N1, B, same)
-  else:
-    method = "gram"
   if method == "scan":
     (x, xt), = _chunks(W, X, X_tilde)
     x = jnp.asarray(x, dtype)
-    Q = _gpfq_data(W32, x, x if same else jnp.asarray(xt, dtype), levels, block_size=int(B),
+    Q = _gpfq_data(W32, x, x if same else jnp.asarray(xt, dtype), levels, block_size=B,
                    same=same)
   else:
     H, G = _gram(W, X, X_tilde, dtype)
-    Q = _gpfq_gram(W32, H, G, levels, block_size=int(B))
+    Q = _gpfq_gram(W32, H, G, levels, block_size=B)
   return Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
 
 

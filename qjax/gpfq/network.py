@@ -192,6 +192,11 @@ def _bits_for(path: str, bits: Bits) -> int:
                    "'default' entry")
 
 
+def holdout_size(n: int, fraction: float) -> int:
+  """Examples held out at the end of an n-example batch for the C search (at least 1)."""
+  return max(1, round(fraction * n))
+
+
 def _leading_size(batch: PyTree) -> int:
   sizes = {np.shape(x)[0] if np.ndim(x) else None for x in jax.tree_util.tree_leaves(batch)}
   if len(sizes) != 1 or None in sizes:
@@ -556,7 +561,7 @@ def _run(quantizer: str, variables: PyTree, apply_fn: Callable, batch: PyTree, *
   if grid is None:
     q_vars, records, shift = run(variables, batch, C=C)
   else:
-    n_hold = max(1, round(holdout_fraction * n))
+    n_hold = holdout_size(n, holdout_fraction)
     if n - n_hold < 1:
       raise ValueError(f"holdout_fraction={holdout_fraction} leaves no calibration rows of {n}")
     calib = jax.tree_util.tree_map(lambda x: x[:n - n_hold], batch)

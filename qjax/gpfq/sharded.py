@@ -191,29 +191,14 @@ def gpfq_layer_sharded(W: Any, X: Any, X_tilde: Any, levels: Any, *, mesh: AnyMe
     return layer.gpfq_layer(W, X, X_tilde, levels, method=method, block_size=block_size,
                             dtype=dtype)
   _check_axes(mesh, data_axis, model_axis)
-  layer._check_W(W)
-  levels = layer._check_levels(levels, dtype)
-  if method not in ("auto", "scan", "gram"):
-    raise ValueError(f"method must be 'auto', 'scan' or 'gram', got {method!r}")
-  if block_size is not None and (isinstance(block_size, bool) or int(block_size) < 1):
-    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-  N0, N1 = W.shape
+  # The same checks and choices as gpfq_layer, so both run the same form.
+  levels, X, X_tilde, same, B, method = layer._prepare(W, X, X_tilde, levels, method,
+                                                       block_size, dtype)
+  N1 = W.shape[1]
   D, M = _axis_size(mesh, data_axis), _axis_size(mesh, model_axis)
   if N1 % M:
     raise ValueError(f"W has N1={N1} columns (neurons), not divisible by the size {M} of "
                      f"model_axis={model_axis!r}; pad W with zero columns and drop them from Q")
-
-  if not layer._is_array(X) and method == "scan":  # materialise the stream for the data form
-    pairs = list(layer._chunks(W, X, None))
-    X = jnp.concatenate([jnp.asarray(x, dtype) for x, _ in pairs])
-    X_tilde = jnp.concatenate([jnp.asarray(xt, dtype) for _, xt in pairs])
-  same = layer._is_array(X) and (X_tilde is None or X_tilde is X)
-  B = int(block_size or 128)
-  if method == "auto":  # exactly gpfq_layer's choice, so both run the same form
-    if layer._is_array(X):
-      method = layer._auto_method(X.shape[0], N0, N1, B, same)
-    else:
-      method = "gram"
 
   place = _placer(mesh, dtype)
   cols = P(None, model_axis)
