@@ -2,9 +2,11 @@
 
 For each (m, N0, N1): seconds per layer for method="scan", "gram" and "auto" (median of 5 after a
 compile call, block_until_ready), this machine's float32 GEMM rate measured in the same run, and
-auto's time over the floor min(6 m N0 N1, 4 m N0^2 + 2 N0^2 N1) / (GEMM flop rate). Then the peak
-resident memory of a fresh process quantizing an N0 = N1 = 1024 layer from m = 262,144 rows
-streamed in chunks generated on the fly. Prints a table, writes benchmarks/gpfq_layer.json.
+auto's time over the floor min(6 m N0 N1, 4 m N0^2 + 2 N0^2 N1) / (GEMM flop rate), split into two
+factors: the flops auto's method runs over the floor's ("flop x") and the rate it reaches over the
+GEMM rate ("eff"), so auto/floor = flop x / eff. Then the peak resident memory of a fresh process
+quantizing an N0 = N1 = 1024 layer from m = 262,144 rows streamed in chunks generated on the fly.
+Prints a table, writes benchmarks/gpfq_layer.json.
 
   python benchmarks/gpfq_layer.py [--quick]
 """
@@ -24,6 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from qjax import alphabets
+from qjax.gpfq.layer import _auto_method as auto_method
+from qjax.gpfq.layer import _flops as gpfq_layer_flops
 from qjax.gpfq.layer import gpfq_layer
 
 SHAPES = ((2048, 784, 500), (8192, 800, 500), (2048, 4608, 512), (32768, 1152, 128))
@@ -31,6 +35,7 @@ QUICK_SHAPES = ((512, 784, 500), (2048, 800, 500), (512, 1152, 512), (8192, 576,
 STREAM = dict(rows=262_144, chunk=8192, N0=1024, N1=1024)
 QUICK_STREAM = dict(rows=32_768, chunk=8192, N0=1024, N1=1024)
 REPEATS = 5
+BLOCK = 128  # gpfq_layer's default block size
 
 
 def median_seconds(fn, repeats: int = REPEATS) -> tuple[float, Any]:
@@ -68,12 +73,19 @@ def speed(shapes) -> list[dict]:
     gflops = gemm_gflops(m, N0, X, Xt)
     floor_flops = min(6.0 * m * N0 * N1, 4.0 * m * N0 * N0 + 2.0 * N0 * N0 * N1)
     floor_seconds = floor_flops / (gflops * 1e9)
+    # auto/floor = (flops auto runs / floor flops) x (GEMM rate / rate auto achieves).
+    auto_flops = dict(zip(("scan", "gram"), gpfq_layer_flops(m, N0, N1, BLOCK, same=False)))[
+        auto_method(m, N0, N1, BLOCK, same=False)]
     rows.append(dict(m=m, N0=N0, N1=N1, scan_s=seconds["scan"], gram_s=seconds["gram"],
                      auto_s=seconds["auto"], gemm_gflops=gflops, floor_s=floor_seconds,
-                     auto_over_floor=seconds["auto"] / floor_seconds))
+                     auto_over_floor=seconds["auto"] / floor_seconds,
+                     auto_flops_over_floor=auto_flops / floor_flops,
+                     auto_gemm_efficiency=auto_flops / seconds["auto"] / (gflops * 1e9)))
+    r = rows[-1]
     print(f"{m:>7} {N0:>5} {N1:>5} {seconds['scan']:>8.3f} {seconds['gram']:>8.3f} "
           f"{seconds['auto']:>8.3f} {gflops:>8.1f} {floor_seconds:>8.3f} "
-          f"{rows[-1]['auto_over_floor']:>7.2f}", flush=True)
+          f"{r['auto_over_floor']:>7.2f} {r['auto_flops_over_floor']:>7.2f} "
+          f"{r['auto_gemm_efficiency']:>7.2f}", flush=True)
   return rows
 
 
@@ -130,7 +142,7 @@ def main() -> None:
     stream_child(**json.loads(args.stream_child))
     return
   print(f"{'m':>7} {'N0':>5} {'N1':>5} {'scan s':>8} {'gram s':>8} {'auto s':>8} "
-        f"{'GFLOP/s':>8} {'floor s':>8} {'auto/fl':>7}", flush=True)
+        f"{'GFLOP/s':>8} {'floor s':>8} {'auto/fl':>7} {'flop x':>7} {'eff':>7}", flush=True)
   rows = speed(QUICK_SHAPES if args.quick else SHAPES)
   stream = memory(QUICK_STREAM if args.quick else STREAM)
   pathlib.Path(args.out).write_text(json.dumps(

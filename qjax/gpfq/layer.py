@@ -75,7 +75,7 @@ def _pad_rows(a: jax.Array, rows: int) -> jax.Array:
 
 def _gpfq_data_body(W, X, Xt, levels, block_size: int, same: bool,
                     psum: Callable[[Any], Any]) -> jax.Array:
-  """Blocked data form: a scan over the full blocks of B inputs, then the remaining N0 mod B.
+  """Blocked data form: a scan over blocks of B inputs, then the last block (B or N0 mod B).
 
   `psum` sums a block's row-dependent terms (its Grams and projections) over row shards: the
   identity on one device, `jax.lax.psum` over the data axis under shard_map (`qjax.gpfq.sharded`).
@@ -83,6 +83,8 @@ def _gpfq_data_body(W, X, Xt, levels, block_size: int, same: bool,
   (N0, N1), m = W.shape, X.shape[0]
   B = min(block_size, N0)
   nb, rest = divmod(N0, B)
+  if not rest:  # the last block runs outside the scan: its U update is never needed
+    nb, rest = nb - 1, B
 
   def block(U, start, size):
     # Column slices of X straight from its (m, N0) layout: no transposed copy of the data.
@@ -96,10 +98,7 @@ def _gpfq_data_body(W, X, Xt, levels, block_size: int, same: bool,
 
   U, Q = jax.lax.scan(lambda U, k: block(U, k * B, B), jnp.zeros((m, N1), W.dtype),
                       jnp.arange(nb))
-  Q = Q.reshape(nb * B, N1)
-  if rest:
-    Q = jnp.concatenate([Q, block(U, nb * B, rest)[1]])
-  return Q
+  return jnp.concatenate([Q.reshape(nb * B, N1), block(U, nb * B, rest)[1]])
 
 
 @functools.partial(jax.jit, static_argnames=("block_size", "same"))
@@ -231,7 +230,9 @@ _DATA_FORM_WEIGHT = 1.5
 
 def _flops(m: int, N0: int, N1: int, B: int, same: bool) -> tuple[float, float]:
   """(data form, Gram form) flop counts as implemented; X = X_tilde drops the G and X_b terms."""
-  data = (4.0 if same else 6.0) * m * N0 * N1 + (2.0 if same else 4.0) * m * N0 * B
+  per_update = 2.0 if same else 4.0  # U += X_b (w - q), or X_b w - Xt_b q
+  updated = N0 - (N0 % B or B)  # the last block's U update is skipped
+  data = (2.0 * N0 + per_update * updated) * m * N1 + per_update * m * N0 * B
   gram = (2.0 if same else 4.0) * m * N0 * N0 + 4.0 * N0 * N0 * N1
   return data, gram
 
