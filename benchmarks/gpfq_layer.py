@@ -1,18 +1,20 @@
 """Benchmark of the GPFQ layer kernels (qjax.gpfq.layer): speed against a GEMM floor, and memory.
 
 For each (m, N0, N1): seconds per layer for method="scan", "gram" and "auto" (median of 5 after a
-compile call, block_until_ready), this machine's float32 GEMM rate measured in the same run, and
-auto's time over the floor min(6 m N0 N1, 4 m N0^2 + 2 N0^2 N1) / (GEMM flop rate), split into two
-factors: the flops auto's method runs over the floor's ("flop x") and the rate it reaches over the
-GEMM rate ("eff"), so auto/floor = flop x / eff. Then the peak resident memory of a fresh process
-quantizing an N0 = N1 = 1024 layer from m = 262,144 rows streamed in chunks generated on the fly.
-Prints a table, writes benchmarks/gpfq_layer.json.
+compile call, block_until_ready), this machine's float32 GEMM rate measured in the same rounds
+(the four calls interleaved), and the median over rounds of auto's time over the floor
+min(6 m N0 N1, 4 m N0^2 + 2 N0^2 N1) / (GEMM flop rate), split into two factors: the flops auto's
+method runs over the floor's ("flop x") and the rate it reaches over the GEMM rate ("eff"), so
+auto/floor = flop x / eff. Then the peak resident memory of a fresh process quantizing an
+N0 = N1 = 1024 layer from m = 262,144 rows streamed in chunks generated on the fly. Prints a
+table, writes benchmarks/gpfq_layer.json.
 
   python benchmarks/gpfq_layer.py [--quick]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import resource
@@ -20,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -58,29 +60,46 @@ def layer(m: int, N0: int, N1: int, seed: int = 0):
   return W, X, Xt, alphabets.levels_for(W, 4, 1.0)
 
 
-def gemm_gflops(m: int, N0: int, X: jax.Array, Xt: jax.Array) -> float:
-  """Measured float32 GEMM rate on an (N0 x m) @ (m x N0) product (the Gram form's GEMM)."""
-  gram = jax.jit(lambda a, b: jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST))
-  return 2.0 * m * N0 * N0 / median_seconds(lambda: gram(Xt, X))[0] / 1e9
+def round_robin(fns: dict[str, Callable[[], Any]], repeats: int = REPEATS) -> dict[str, list]:
+  """Seconds of `repeats` rounds that call every fn once (after a compile call each).
+
+  Interleaving puts each round's calls under the same machine load, so ratios between them (auto
+  over the GEMM floor) are taken round by round instead of across minutes of drifting load.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return times
 
 
 def speed(shapes) -> list[dict]:
   rows = []
+  # The GEMM rate is measured on an (N0 x m) @ (m x N0) product, the Gram form's GEMM.
+  gemm = jax.jit(lambda a, b: jnp.matmul(a.T, b, precision=jax.lax.Precision.HIGHEST))
   for m, N0, N1 in shapes:
     W, X, Xt, levels = layer(m, N0, N1)
-    seconds = {method: median_seconds(lambda: gpfq_layer(W, X, Xt, levels, method=method))[0]
-               for method in ("scan", "gram", "auto")}
-    gflops = gemm_gflops(m, N0, X, Xt)
+    fns = {method: functools.partial(gpfq_layer, W, X, Xt, levels, method=method)
+           for method in ("scan", "gram", "auto")}
+    times = round_robin(dict(fns, gemm=functools.partial(gemm, Xt, X)))
+    seconds = {name: statistics.median(t) for name, t in times.items()}
+    gflops = 2.0 * m * N0 * N0 / seconds["gemm"] / 1e9
     floor_flops = min(6.0 * m * N0 * N1, 4.0 * m * N0 * N0 + 2.0 * N0 * N0 * N1)
     floor_seconds = floor_flops / (gflops * 1e9)
-    # auto/floor = (flops auto runs / floor flops) x (GEMM rate / rate auto achieves).
+    # Round by round, auto/floor = auto seconds x GEMM rate / floor flops.
+    ratio = statistics.median(a * 2.0 * m * N0 * N0 / g / floor_flops
+                              for a, g in zip(times["auto"], times["gemm"]))
+    # auto/floor = (flops auto runs / floor flops) / (rate auto reaches / GEMM rate).
     auto_flops = dict(zip(("scan", "gram"), gpfq_layer_flops(m, N0, N1, BLOCK, same=False)))[
         auto_method(m, N0, N1, BLOCK, same=False)]
     rows.append(dict(m=m, N0=N0, N1=N1, scan_s=seconds["scan"], gram_s=seconds["gram"],
                      auto_s=seconds["auto"], gemm_gflops=gflops, floor_s=floor_seconds,
-                     auto_over_floor=seconds["auto"] / floor_seconds,
-                     auto_flops_over_floor=auto_flops / floor_flops,
-                     auto_gemm_efficiency=auto_flops / seconds["auto"] / (gflops * 1e9)))
+                     auto_over_floor=ratio, auto_flops_over_floor=auto_flops / floor_flops,
+                     auto_gemm_efficiency=auto_flops / floor_flops / ratio))
     r = rows[-1]
     print(f"{m:>7} {N0:>5} {N1:>5} {seconds['scan']:>8.3f} {seconds['gram']:>8.3f} "
           f"{seconds['auto']:>8.3f} {gflops:>8.1f} {floor_seconds:>8.3f} "

@@ -74,6 +74,7 @@ def run(shapes) -> list[dict]:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="one small shape")
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".json")))
   args = parser.parse_args()
   print(f"{len(jax.devices())} {jax.devices()[0].platform} devices, {os.cpu_count()} CPU cores")
   print(f"{'m':>6} {'N0':>5} {'N1':>5} {'form':>5} {'mesh D x M':>9} {'seconds':>9} "
@@ -82,9 +83,8 @@ def main() -> None:
   out = dict(note="host-platform devices share the CPU cores: no speedup is possible here",
              devices=len(jax.devices()), platform=jax.devices()[0].platform,
              cpu_cores=os.cpu_count(), repeats=REPEATS, jax=jax.__version__, rows=rows)
-  path = pathlib.Path(__file__).with_name("gpfq_sharded.json")
-  path.write_text(json.dumps(out, indent=2) + "\n")
-  print(f"wrote {path}")
+  pathlib.Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+  print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

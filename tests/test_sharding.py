@@ -14,7 +14,8 @@ SCRIPT = pathlib.Path(__file__).with_name("sharding_checks.py")
 CHECKS = [
     "gpfq_scan", "gpfq_scan_same", "gpfq_gram", "gpfq_gram_same", "gpfq_rows_padded",
     "gpfq_auto_and_stream", "gpfq_ambient_explicit_mesh", "gpfq_other_axes",
-    "gpfq_no_mesh_falls_back", "gpfq_errors", "gpfq_layer_mesh_argument", "gpfq_network_on_mesh", "psgd_data_parallel", "psgd_param_sharded",
+    "gpfq_no_mesh_falls_back", "gpfq_errors", "gpfq_layer_mesh_argument", "gpfq_network_on_mesh",
+    "psgd_data_parallel", "psgd_param_sharded",
     "alq_data_parallel", "alq_param_sharded", "alq_param_sharded_explicit", "alq_prune_sharded",
 ]
 

@@ -1,0 +1,42 @@
+"""The benchmark scripts run (--quick) and their JSON holds what the tables claim.
+
+Speeds are not asserted (they live in the benchmarks, not in tests); the memory goal and exactness
+are: streamed GPFQ stays under 1 GiB resident, and sharded GPFQ gives the one-device Q.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+
+
+def run_quick(script: str, out: pathlib.Path) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick", "--out", str(out)],
+                 env=env, check=True, capture_output=True, text=True, timeout=600)
+  return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_gpfq_layer_benchmark(tmp_path):
+  result = run_quick("gpfq_layer.py", tmp_path / "layer.json")
+  assert len(result["speed"]) == 4
+  for row in result["speed"]:
+    assert row["gemm_gflops"] > 0 and row["auto_s"] > 0 and row["auto_flops_over_floor"] > 0
+    # The two printed factors multiply back to the ratio.
+    assert row["auto_over_floor"] == pytest.approx(
+        row["auto_flops_over_floor"] / row["auto_gemm_efficiency"], rel=1e-9)
+  assert result["stream"]["peak_rss_bytes"] < 2**30
+
+
+@pytest.mark.slow
+def test_gpfq_sharded_benchmark(tmp_path):
+  result = run_quick("gpfq_sharded.py", tmp_path / "sharded.json")
+  assert result["devices"] == 8
+  sharded = [row for row in result["rows"] if row["mesh"] != "1 device"]
+  assert len(sharded) == 6
+  assert all(row["differ"]["entries"] == 0 for row in sharded), sharded
