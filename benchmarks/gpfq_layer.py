@@ -28,8 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax import alphabets
-from qjax.gpfq.layer import _auto_method as auto_method
-from qjax.gpfq.layer import _flops as gpfq_layer_flops
+from qjax.gpfq import layer as layer_lib
 from qjax.gpfq.layer import gpfq_layer
 
 SHAPES = ((2048, 784, 500), (8192, 800, 500), (2048, 4608, 512), (32768, 1152, 128))
@@ -37,18 +36,8 @@ QUICK_SHAPES = ((512, 784, 500), (2048, 800, 500), (512, 1152, 512), (8192, 576,
 STREAM = dict(rows=262_144, chunk=8192, N0=1024, N1=1024)
 QUICK_STREAM = dict(rows=32_768, chunk=8192, N0=1024, N1=1024)
 REPEATS = 5
-BLOCK = 128  # gpfq_layer's default block size
 
 
-def median_seconds(fn, repeats: int = REPEATS) -> tuple[float, Any]:
-  """Median seconds of `repeats` calls after a compile call, and the compile call's output."""
-  out = jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times), out
 
 
 def layer(m: int, N0: int, N1: int, seed: int = 0):
@@ -60,21 +49,28 @@ def layer(m: int, N0: int, N1: int, seed: int = 0):
   return W, X, Xt, alphabets.levels_for(W, 4, 1.0)
 
 
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int = REPEATS) -> dict[str, list]:
-  """Seconds of `repeats` rounds that call every fn once (after a compile call each).
+def round_robin(fns: dict[str, Callable[[], Any]],
+                repeats: int = REPEATS) -> tuple[dict[str, list[float]], dict[str, Any]]:
+  """Seconds of `repeats` rounds that call every fn once, after a compile call each, and the
+  compile calls' outputs.
 
   Interleaving puts each round's calls under the same machine load, so ratios between them (auto
   over the GEMM floor) are taken round by round instead of across minutes of drifting load.
   """
-  for fn in fns.values():
-    jax.block_until_ready(fn())
+  outs = {name: jax.block_until_ready(fn()) for name, fn in fns.items()}
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
       times[name].append(time.perf_counter() - start)
-  return times
+  return times, outs
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = REPEATS) -> tuple[float, Any]:
+  """Median seconds of `repeats` calls after a compile call, and the compile call's output."""
+  times, outs = round_robin({"fn": fn}, repeats)
+  return statistics.median(times["fn"]), outs["fn"]
 
 
 def speed(shapes) -> list[dict]:
@@ -85,7 +81,7 @@ def speed(shapes) -> list[dict]:
     W, X, Xt, levels = layer(m, N0, N1)
     fns = {method: functools.partial(gpfq_layer, W, X, Xt, levels, method=method)
            for method in ("scan", "gram", "auto")}
-    times = round_robin(dict(fns, gemm=functools.partial(gemm, Xt, X)))
+    times, _ = round_robin(dict(fns, gemm=functools.partial(gemm, Xt, X)))
     seconds = {name: statistics.median(t) for name, t in times.items()}
     gflops = 2.0 * m * N0 * N0 / seconds["gemm"] / 1e9
     floor_flops = min(6.0 * m * N0 * N1, 4.0 * m * N0 * N0 + 2.0 * N0 * N0 * N1)
@@ -93,9 +89,10 @@ def speed(shapes) -> list[dict]:
     # Round by round, auto/floor = auto seconds x GEMM rate / floor flops.
     ratio = statistics.median(a * 2.0 * m * N0 * N0 / g / floor_flops
                               for a, g in zip(times["auto"], times["gemm"]))
-    # auto/floor = (flops auto runs / floor flops) / (rate auto reaches / GEMM rate).
-    auto_flops = dict(zip(("scan", "gram"), gpfq_layer_flops(m, N0, N1, BLOCK, same=False)))[
-        auto_method(m, N0, N1, BLOCK, same=False)]
+    # auto/floor = (flops auto runs / floor flops) / (rate auto reaches / GEMM rate), with the
+    # block size and method gpfq_layer itself picks.
+    *_, same, B, method = layer_lib._prepare(W, X, Xt, levels, "auto", None, jnp.float32)
+    auto_flops = layer_lib._flops(m, N0, N1, B, same)[method == "gram"]
     rows.append(dict(m=m, N0=N0, N1=N1, scan_s=seconds["scan"], gram_s=seconds["gram"],
                      auto_s=seconds["auto"], gemm_gflops=gflops, floor_s=floor_seconds,
                      auto_over_floor=ratio, auto_flops_over_floor=auto_flops / floor_flops,

@@ -229,17 +229,20 @@ _DATA_FORM_WEIGHT = 1.5
 
 
 def _flops(m: int, N0: int, N1: int, B: int, same: bool) -> tuple[float, float]:
-  """(data form, Gram form) flop counts as implemented; X = X_tilde drops the G and X_b terms."""
-  per_update = 2.0 if same else 4.0  # U += X_b (w - q), or X_b w - Xt_b q
+  """(data form, Gram form) flop counts as implemented for block size B; X = X_tilde drops the
+  G and X_b terms."""
+  B = min(B, N0)
+  grams = 1.0 if same else 2.0  # H, or H and G
+  updates = 1.0 if same else 2.0  # U += X_b (w - q), or U += X_b w - Xt_b q
   updated = N0 - (N0 % B or B)  # the last block's U update is skipped
-  data = (2.0 * N0 + per_update * updated) * m * N1 + per_update * m * N0 * B
-  gram = (2.0 if same else 4.0) * m * N0 * N0 + 4.0 * N0 * N0 * N1
+  data = 2.0 * m * N1 * (N0 + updates * updated) + grams * 2.0 * m * N0 * B
+  gram = grams * 2.0 * m * N0 * N0 + 4.0 * N0 * N0 * N1
   return data, gram
 
 
 def _auto_method(m: int, N0: int, N1: int, B: int, same: bool) -> str:
   """The "auto" choice for array input (shared with `qjax.gpfq.sharded`)."""
-  data, gram = _flops(m, N0, N1, min(B, N0), same)
+  data, gram = _flops(m, N0, N1, B, same)
   return "scan" if _DATA_FORM_WEIGHT * data <= gram else "gram"
 
 
