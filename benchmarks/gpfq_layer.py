@@ -1,4 +1,4 @@
-"""Benchmark of the GPFQ layer kernels (qjax.gpfq.layer): speed against a GEMM floor, and memory.
+"""Benchmark of the GPFQ layer kernels (qjax._gpfq.layer): speed against a GEMM floor, and memory.
 
 For each (m, N0, N1): seconds per layer for method="scan", "gram" and "auto" (median of 5 after a
 compile call, block_until_ready), this machine's float32 GEMM rate measured in the same rounds
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 
 from qjax import alphabets
-from qjax.gpfq import layer as layer_lib
-from qjax.gpfq.layer import gpfq_layer
+from qjax._gpfq import layer as layer_lib
+from qjax._gpfq.layer import gpfq_layer
 
 SHAPES = ((2048, 784, 500), (8192, 800, 500), (2048, 4608, 512), (32768, 1152, 128))
 QUICK_SHAPES = ((512, 784, 500), (2048, 800, 500), (512, 1152, 512), (8192, 576, 128))

@@ -1,4 +1,4 @@
-"""Benchmark of sharded GPFQ (qjax.gpfq.sharded) against one device, on 8 host CPU devices.
+"""Benchmark of sharded GPFQ (qjax._gpfq.sharded) against one device, on 8 host CPU devices.
 
 For each layer shape (m, N0, N1) and method ("scan", "gram"): seconds per layer on one device
 (`gpfq_layer`) and on meshes (data, model) = (8, 1), (2, 4), (1, 8) (`gpfq_layer_sharded`, inputs
@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from gpfq_layer import layer, median_seconds  # noqa: E402  (the one-device benchmark's)
-from qjax.gpfq.layer import gpfq_layer  # noqa: E402
-from qjax.gpfq.sharded import gpfq_layer_sharded  # noqa: E402
+from qjax._gpfq.layer import gpfq_layer  # noqa: E402
+from qjax._gpfq.sharded import gpfq_layer_sharded  # noqa: E402
 
 SHAPES = ((8192, 512, 512), (2048, 1024, 1024))
 QUICK_SHAPES = ((2048, 256, 256),)

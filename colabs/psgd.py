@@ -29,7 +29,7 @@
 #
 # 1. trains a float LeNet5 with SGD on the embedded MNIST digits;
 # 2. trains PSGD models towards the 4-bit and 2-bit grids and towards 0 (pruning) with the
-#    recipes of `qjax.psgd_experiment.default_config()`;
+#    recipes of `qjax.experiments.psgd.default_config()`;
 # 3. plots the weight histograms against the grid and compares SGD and PSGD after rounding,
 #    pruning and (optionally) GPFQ.
 #
@@ -47,7 +47,8 @@ import numpy as np
 import optax
 
 import qjax
-from qjax import data, models, psgd_experiment, train
+from qjax import data, models, train
+from qjax.experiments import psgd as psgd_experiment
 from qjax.rounding import uniform_grid_step
 
 SMALL = os.environ.get("QJAX_SMALL") == "1"

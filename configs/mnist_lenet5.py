@@ -1,9 +1,9 @@
 """The default experiment: LeNet5 on the 5,000 embedded MNIST digits, every quantizer compared."""
 import ml_collections
 
-from qjax import psgd_experiment
-from qjax.alq import experiment as alq_experiment
-from qjax.gpfq import experiment as gpfq_experiment
+from qjax.experiments import psgd as psgd_experiment
+from qjax.experiments import alq as alq_experiment
+from qjax.experiments import gpfq as gpfq_experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

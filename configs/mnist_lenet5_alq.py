@@ -3,7 +3,7 @@
 The float recipe is configs/mnist_lenet5.py's. ALQ uses the authors' structures (kernel-wise,
 kernel-wise, subchannel-wise(2), channel-wise), I_max 6, AMSGrad steps 1e-3 (bases) / 1e-5
 (coordinates) decayed x0.8 per epoch, but far fewer epochs than the paper's 20 + 10 per round and
-50 at the end (see qjax.alq.experiment.default_config).
+50 at the end (see qjax.experiments.alq.default_config).
 
   python -m qjax --config configs/mnist_lenet5_alq.py
 """

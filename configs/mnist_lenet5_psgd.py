@@ -2,7 +2,7 @@
 
 The float (SGD) recipe is configs/mnist_lenet5.py's. `config.psgd` holds one PSGD recipe per run
 (4/3/2-bit grid, target 0), tuned on the validation split (configs/psgd_tuning.md); see
-qjax.psgd_experiment.default_config.
+qjax.experiments.psgd.default_config.
 
   python -m qjax --config configs/mnist_lenet5_psgd.py
 """
@@ -11,7 +11,7 @@ import os
 import ml_collections
 
 from qjax import main
-from qjax import psgd_experiment
+from qjax.experiments import psgd as psgd_experiment
 
 
 def get_config() -> ml_collections.ConfigDict:

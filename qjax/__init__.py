@@ -2,8 +2,8 @@
 from qjax import alphabets
 from qjax import alq
 from qjax import psgd
-from qjax.gpfq.layer import gpfq_layer
-from qjax.gpfq.network import gpfq, quantize_msq
+from qjax._gpfq.layer import gpfq_layer
+from qjax._gpfq.network import gpfq, quantize_msq
 from qjax.rounding import quantize_uniform, sparsity
 
 __version__ = "0.1.0"

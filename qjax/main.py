@@ -28,9 +28,9 @@ from qjax import train as train_lib
 
 # method name -> module providing `rows(ctx) -> list[dict]`.
 METHODS = {
-    "gpfq": "qjax.gpfq.experiment",
-    "psgd": "qjax.psgd_experiment",
-    "alq": "qjax.alq.experiment",
+    "gpfq": "qjax.experiments.gpfq",
+    "psgd": "qjax.experiments.psgd",
+    "alq": "qjax.experiments.alq",
 }
 
 

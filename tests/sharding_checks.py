@@ -27,8 +27,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P  # no
 
 import qjax  # noqa: E402
 from qjax import alq, alphabets, psgd  # noqa: E402
-from qjax.gpfq.layer import gpfq_layer  # noqa: E402
-from qjax.gpfq.sharded import gpfq_layer_sharded  # noqa: E402
+from qjax._gpfq.layer import gpfq_layer  # noqa: E402
+from qjax._gpfq.sharded import gpfq_layer_sharded  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # as tests/conftest.py
 

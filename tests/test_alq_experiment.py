@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from qjax import main, models, train
-from qjax.alq import experiment
+from qjax.experiments import alq as experiment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,7 +8,7 @@ import pytest
 from absl.testing import parameterized
 
 from qjax import alphabets
-from qjax.gpfq.layer import gpfq_layer, gpfq_residuals, relative_error
+from qjax._gpfq.layer import gpfq_layer, gpfq_residuals, relative_error
 
 
 def reference_gpfq(W, X, Xt, levels):

@@ -1,4 +1,4 @@
-"""qjax.gpfq.network: the layer-by-layer driver (Alg. 1) on LeNet5 and small inline models."""
+"""qjax._gpfq.network: the layer-by-layer driver (Alg. 1) on LeNet5 and small inline models."""
 import re
 
 import chex
@@ -12,7 +12,7 @@ from qjax import alphabets
 from qjax import capture as cap
 from qjax import data as data_lib
 from qjax import models
-from qjax.gpfq import network
+from qjax._gpfq import network
 
 # --------------------------------------------------------------------------------------------
 # A tiny numpy reference of the GPFQ recursion (Eq. 7-8), for checking the wiring only.
@@ -300,7 +300,7 @@ def test_experiment_rows_on_briefly_trained_lenet():
   import ml_collections
   import optax
   from qjax import train as train_lib
-  from qjax.gpfq import experiment
+  from qjax.experiments import gpfq as experiment
 
   splits = data_lib.load_mnist_embedded()
   model = models.LeNet5()

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 from qjax import psgd
-from qjax import psgd_experiment
+from qjax.experiments import psgd as psgd_experiment
 
 
 def _params(seed=0, dtype=jnp.float32):

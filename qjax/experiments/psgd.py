@@ -18,7 +18,7 @@ import optax
 import qjax
 from qjax import main
 from qjax import psgd as psgd_lib
-from qjax.gpfq import experiment as gpfq_experiment
+from qjax.experiments import gpfq as gpfq_experiment
 from qjax.rounding import kernel_mask
 
 PyTree = Any

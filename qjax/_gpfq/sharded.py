@@ -3,7 +3,7 @@
 Neurons (columns of W) never interact in the recursion (paper Eq. 7-8), so the N1 columns are
 split over `model_axis` with no communication at all. The calibration rows (m) enter only through
 inner products, which are sums over rows: each shard of rows computes its partial sums and one
-`psum` adds them. Both exact forms of `qjax.gpfq.layer` are kept, with the same kernels:
+`psum` adds them. Both exact forms of `qjax._gpfq.layer` are kept, with the same kernels:
 
 * Gram form ("gram"): rows are split over *every* row axis (data and model jointly), each device
   accumulates its partial H = Xt^T Xt and G = Xt^T X, one psum at the end makes H and G whole and
@@ -29,8 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
-from qjax.gpfq import layer
-from qjax.gpfq.layer import Method
+from qjax._gpfq import layer
+from qjax._gpfq.layer import Method
 
 AnyMesh = Mesh | AbstractMesh
 
@@ -149,7 +149,7 @@ def gpfq_layer_sharded(W: Any, X: Any, X_tilde: Any, levels: Any, *, mesh: AnyMe
                        method: Method = "auto", data_axis: str | None = "data",
                        model_axis: str | None = "model", block_size: int | None = None,
                        dtype: Any = jnp.float32) -> jax.Array:
-  """`qjax.gpfq.layer.gpfq_layer` with neurons and calibration rows split over a device mesh.
+  """`qjax._gpfq.layer.gpfq_layer` with neurons and calibration rows split over a device mesh.
 
   What is sharded (D = size of `data_axis`, M = size of `model_axis`):
 

@@ -1,4 +1,4 @@
-"""Flax linen models built from plain nn.Dense / nn.Conv so that quantizers can find every layer.
+"""Small linen CNNs for MNIST/CIFAR (LeNet5, VGG-small, CIFAR ResNets) and ResNet-18.
 
 Every model is called as `model.apply(variables, x, train=False)` with x (batch, h, w, c) float32.
 """
@@ -112,20 +112,3 @@ class ResNet18(nn.Module):
       for i in range(2):
         x = BasicBlock(width, 2 if stage > 0 and i == 0 else 1)(x, train)
     return nn.Dense(self.num_classes)(jnp.mean(x, axis=(1, 2)))
-
-
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "mlp": MLP,
-    "lenet5": LeNet5,
-    "vgg_small": VGGSmall,
-    "resnet20": functools.partial(CifarResNet, blocks_per_stage=3),
-    "resnet32": functools.partial(CifarResNet, blocks_per_stage=5),
-    "resnet18": ResNet18,
-}
-
-
-def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
-  """A model by name (see `MODELS`)."""
-  if name not in MODELS:
-    raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-  return MODELS[name](num_classes=num_classes, **kwargs)

@@ -30,15 +30,15 @@ from tqdm.auto import tqdm
 
 from qjax import alphabets
 from qjax import capture as capture_lib
-from qjax.gpfq import sharded
-from qjax.gpfq.layer import gpfq_layer
+from qjax._gpfq import sharded
+from qjax._gpfq.layer import gpfq_layer
 
 PyTree = Any
 Rule = Literal["paper", "reference", "uniform"]
 Bits = int | Mapping[str, int]
 
 # C for each step rule (Eq. 19 / reference code). Found by grid search on LeNet5 and embedded
-# MNIST (qjax.gpfq.experiment); the paper's ImageNet models used 0.975-1.81 (Table 1).
+# MNIST (qjax.experiments.gpfq); the paper's ImageNet models used 0.975-1.81 (Table 1).
 DEFAULT_C: dict[str, float] = {"paper": 1.0, "reference": 1.0, "uniform": 1.0}
 
 

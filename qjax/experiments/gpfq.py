@@ -1,6 +1,6 @@
 """GPFQ rows of the main job: per bit width, GPFQ vs MSQ on the same alphabet (seed 003, Sec. 3).
 
-`rows(ctx)` quantizes the trained float model with `qjax.gpfq.network.gpfq` on a calibration set
+`rows(ctx)` quantizes the trained float model with `qjax._gpfq.network.gpfq` on a calibration set
 drawn from the training split and evaluates it; for the same bits and the same alphabets (same
 rule, same C) it also evaluates plain rounding (`quantize_msq`), so the table shows what the
 greedy path-following adds over memoryless rounding. Options live in `config.gpfq`
@@ -19,7 +19,7 @@ import numpy as np
 import optax
 
 from qjax import main
-from qjax.gpfq import network
+from qjax._gpfq import network
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -78,7 +78,7 @@ def _gpfq_data_body(W, X, Xt, levels, block_size: int, same: bool,
   """Blocked data form: a scan over blocks of B inputs, then the last block (B or N0 mod B).
 
   `psum` sums a block's row-dependent terms (its Grams and projections) over row shards: the
-  identity on one device, `jax.lax.psum` over the data axis under shard_map (`qjax.gpfq.sharded`).
+  identity on one device, `jax.lax.psum` over the data axis under shard_map (`qjax._gpfq.sharded`).
   """
   (N0, N1), m = W.shape, X.shape[0]
   B = min(block_size, N0)
@@ -241,14 +241,14 @@ def _flops(m: int, N0: int, N1: int, B: int, same: bool) -> tuple[float, float]:
 
 
 def _auto_method(m: int, N0: int, N1: int, B: int, same: bool) -> str:
-  """The "auto" choice for array input (shared with `qjax.gpfq.sharded`)."""
+  """The "auto" choice for array input (shared with `qjax._gpfq.sharded`)."""
   data, gram = _flops(m, N0, N1, B, same)
   return "scan" if _DATA_FORM_WEIGHT * data <= gram else "gram"
 
 
 def _prepare(W: Any, X: Any, X_tilde: Any, levels: Any, method: Method, block_size: int | None,
              dtype: Any) -> tuple[jax.Array, Any, Any, bool, int, str]:
-  """Checks and choices shared by `gpfq_layer` and `qjax.gpfq.sharded.gpfq_layer_sharded`.
+  """Checks and choices shared by `gpfq_layer` and `qjax._gpfq.sharded.gpfq_layer_sharded`.
 
   Returns:
     (sorted levels, X, X_tilde, same, block size B, method): a stream is materialised when the
@@ -292,7 +292,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     block_size: inputs per block (both forms give the same Q for any value); None picks one.
     dtype: compute dtype (float32 by default).
     mesh: a `jax.sharding.Mesh`: split the neurons over `model_axis` and the calibration rows
-      over `data_axis` (see `qjax.gpfq.sharded.gpfq_layer_sharded`; same Q). None uses the mesh
+      over `data_axis` (see `qjax._gpfq.sharded.gpfq_layer_sharded`; same Q). None uses the mesh
       of `jax.set_mesh` if one is set, else one device.
     data_axis: mesh axis for the rows (None: not split); only used with a mesh.
     model_axis: mesh axis for the neurons (None: not split); only used with a mesh.
@@ -306,7 +306,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       levels or an unknown method; with a mesh, an axis not in it or N1 not divisible by the
       size of `model_axis`.
   """
-  from qjax.gpfq import sharded  # imported here: sharded builds on this module's kernels
+  from qjax._gpfq import sharded  # imported here: sharded builds on this module's kernels
   mesh = sharded.resolve_mesh(mesh)
   if mesh is not None:
     return sharded.gpfq_layer_sharded(W, X, X_tilde, levels, mesh=mesh, method=method,
