@@ -9,6 +9,7 @@ from qjax.experiments import gpfq as gpfq_experiment
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.name = "mnist_lenet5"
+  config.task = "classify"         # qjax.main.TASKS
   config.dataset = "mnist_embedded"
   config.data_dir = ""             # for tfds datasets: where they were prepared
   config.model = "lenet5"

@@ -1,4 +1,5 @@
-"""ALQ in the main job: `rows(ctx)` runs Alg. 5 on ctx's float model and reports every round."""
+"""ALQ in the main job: `rows(ctx)` runs Alg. 5 of Qu et al. (2020) on ctx's float model and
+reports every round."""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +9,7 @@ import ml_collections
 import optax
 
 from qjax.alq import pipeline
+from qjax.experiments import config_section
 from qjax.alq.accounting import format_report
 from qjax.alq.kernel import reconstruct
 
@@ -39,9 +41,7 @@ def rows(ctx: Any) -> list[dict[str, Any]]:
   ctx.config.alq (defaults from `default_config` for missing keys). Accuracies are in the units
   of ctx.evaluate (percent in the main job); drop is in the same points.
   """
-  c = default_config()
-  if "alq" in ctx.config:
-    c.update(ctx.config.alq)
+  c = config_section(ctx.config, "alq", default_config())
   variables = ctx.variables
 
   def loss_fn(params, x, y):

@@ -1,6 +1,6 @@
-"""GPFQ rows of the main job: per bit width, GPFQ vs MSQ on the same alphabet (seed 003, Sec. 3).
+"""GPFQ rows of the main job: per bit width, GPFQ vs MSQ on the same alphabet (Zhang et al., Sec. 3).
 
-`rows(ctx)` quantizes the trained float model with `qjax._gpfq.network.gpfq` on a calibration set
+`rows(ctx)` quantizes the trained float model with `qjax.gpfq` on a calibration set
 drawn from the training split and evaluates it; for the same bits and the same alphabets (same
 rule, same C) it also evaluates plain rounding (`quantize_msq`), so the table shows what the
 greedy path-following adds over memoryless rounding. Options live in `config.gpfq`
@@ -18,8 +18,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from qjax import main
+import qjax
+from qjax import rules
 from qjax._gpfq import network
+from qjax.experiments import config_section, results
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -42,16 +44,21 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _config(ctx) -> ml_collections.ConfigDict:
-  """ctx.config.gpfq over the defaults (missing keys take the default)."""
-  cfg = default_config()
-  given = ctx.config.get("gpfq") if hasattr(ctx.config, "get") else None
-  if given is not None:
-    unknown = set(given.keys()) - set(cfg.keys())
-    if unknown:
-      raise ValueError(f"config.gpfq: unknown keys {sorted(unknown)}; known: {sorted(cfg)}")
-    cfg.update(given)
-  return cfg
+def validate(cfg: ml_collections.ConfigDict, where: str = "config.gpfq") -> None:
+  """Eager checks of `config.gpfq`, before any training."""
+  if isinstance(cfg.bits, (str, bytes)) or not hasattr(cfg.bits, "__iter__"):
+    raise TypeError(f"{where}.bits must be a sequence of ints, got {cfg.bits!r}")
+  for b in cfg.bits:
+    rules.check_bits(b, f"{where}.bits")
+  if cfg.rule not in network.DEFAULT_C:
+    raise ValueError(f"{where}.rule must be one of {sorted(network.DEFAULT_C)}, got {cfg.rule!r}")
+  if cfg.holdout_loss not in ("cross_entropy", "output"):
+    raise ValueError(f"{where}.holdout_loss must be 'cross_entropy' or 'output', got "
+                     f"{cfg.holdout_loss!r}")
+  if not 0 < cfg.patch_p <= 1:
+    raise ValueError(f"{where}.patch_p must be in (0, 1], got {cfg.patch_p}")
+  if int(cfg.calibration_size) < 1:
+    raise ValueError(f"{where}.calibration_size must be >= 1, got {cfg.calibration_size}")
 
 
 def _apply_kwargs(model) -> dict[str, Any]:
@@ -72,21 +79,18 @@ def _holdout_loss(cfg, y: np.ndarray):
   """Loss of the C search on the held-out tail of the calibration set (labels known here)."""
   if cfg.holdout_loss == "output":
     return None  # network.output_error
-  if cfg.holdout_loss != "cross_entropy":
-    raise ValueError(f"config.gpfq.holdout_loss must be 'cross_entropy' or 'output', got "
-                     f"{cfg.holdout_loss!r}")
   n_hold = network.holdout_size(y.shape[0], cfg.holdout_fraction)
   labels = jnp.asarray(y[y.shape[0] - n_hold:])
   return lambda q_out, _: optax.softmax_cross_entropy_with_integer_labels(q_out, labels).mean()
 
 
 def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dict:
-  return main.row(method, bits, acc, ctx.float_accuracy, seconds, C=report.C,
+  return results.accuracy_row(method, bits, acc, ctx.float_accuracy, seconds, C=report.C,
                   layers={r.path: (None if r.error is None else round(r.error, 4))
                           for r in report.layers})
 
 
-def quantize(ctx, variables: dict, bits: network.Bits, **overrides) -> tuple[dict, Any, float]:
+def quantize(ctx, variables: dict, bits: int | dict[str, int], **overrides) -> tuple[dict, Any, float]:
   """`network.gpfq` of `variables` on the calibration draw, with `config.gpfq` options.
 
   Args:
@@ -98,11 +102,11 @@ def quantize(ctx, variables: dict, bits: network.Bits, **overrides) -> tuple[dic
   Returns:
     (quantized variables, report, seconds).
   """
-  cfg = _config(ctx)
+  cfg = config_section(ctx.config, "gpfq", default_config())
   cfg.update(overrides)
   x, y = _calibration(ctx, cfg)
   start = time.perf_counter()
-  q_vars, report = network.gpfq(
+  q_vars, report = qjax.gpfq(
       variables, ctx.model.apply, x, bits=bits, C=cfg.C, rule=cfg.rule, method=cfg.method,
       C_grid=tuple(cfg.C_grid) or None, holdout_fraction=cfg.holdout_fraction,
       holdout_loss=_holdout_loss(cfg, y), **_common(ctx, cfg))
@@ -128,7 +132,7 @@ def rows(ctx) -> list[dict]:
     dicts with method ('gpfq' / 'msq-gpfq-alphabet'), bits, accuracy, drop (points below
     float), seconds, C, layers ({module path: ||XW - X~Q|| / ||XW||}).
   """
-  cfg = _config(ctx)
+  cfg = config_section(ctx.config, "gpfq", default_config())
   x, _ = _calibration(ctx, cfg)
   # MSQ's report uses the rows GPFQ was fitted on (and its compiled data functions).
   x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - network.holdout_size(
@@ -140,7 +144,7 @@ def rows(ctx) -> list[dict]:
     if cfg.msq:
       # Same alphabet: same rule and the C GPFQ chose; plain rounding of every weight.
       start = time.perf_counter()
-      m_vars, m_report = network.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
+      m_vars, m_report = qjax.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
                                               bits=int(bits), C=report.C, rule=cfg.rule,
                                               **_common(ctx, cfg))
       out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,

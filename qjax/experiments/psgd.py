@@ -1,6 +1,6 @@
 """PSGD on MNIST LeNet5: SGD-trained vs PSGD-trained, then plain rounding / pruning, no data.
 
-The main job (`qjax.main.Context`) builds `ctx` (model, SGD-trained float `variables`, data splits,
+The classification task (`qjax.experiments.classify.Context`) builds `ctx` (model, SGD-trained float `variables`, data splits,
 `evaluate`, `train`, `config`, `key`) and calls `rows(ctx)`. Recipes (`default_config`) were tuned
 on the validation split only; the trials are in configs/psgd_tuning.md.
 """
@@ -16,9 +16,10 @@ import ml_collections
 import optax
 
 import qjax
-from qjax import main
+from qjax import rules
 from qjax import psgd as psgd_lib
 from qjax.experiments import gpfq as gpfq_experiment
+from qjax.experiments import config_section, results
 from qjax.rounding import kernel_mask
 
 PyTree = Any
@@ -56,11 +57,13 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def _psgd_config(ctx) -> ml_collections.ConfigDict:
-  config = getattr(ctx, "config", None)
-  if config is not None and "psgd" in config:
-    return config.psgd
-  return default_config()
+def validate(cfg: ml_collections.ConfigDict, where: str = "config.psgd") -> None:
+  """Eager checks of `config.psgd`, before any training."""
+  for b in cfg.bits:
+    rules.check_bits(b, f"{where}.bits", low=2)
+    if f"bits{b}" not in cfg.recipes:
+      raise ValueError(f"{where}.recipes has no recipe 'bits{b}' for {where}.bits={b}")
+  rules.check_bits(cfg.edge_bits, f"{where}.edge_bits", low=2)
 
 
 def kernel_paths(params: PyTree) -> list[str]:
@@ -124,7 +127,7 @@ def train_psgd(ctx, bits: int | None) -> PyTree:
   The targets use the same per-layer bits as the rounding in `rows` (edge layers at
   `edge_bits` when bits < 4), so the final rounding lands on the grid PSGD trained for.
   """
-  c = _psgd_config(ctx)
+  c = config_section(ctx.config, "psgd", default_config())
   name = "prune" if bits is None else f"bits{bits}"
   if name not in c.recipes:
     raise ValueError(f"no PSGD recipe for {name!r}: add config.psgd.recipes.{name}")
@@ -176,15 +179,15 @@ def rows(ctx, trained: dict | None = None) -> list[dict]:
     rows; psgd+rtn and psgd+gpfq rows also carry `float_accuracy`, the test accuracy of their
     PSGD model before quantization.
   """
-  c = _psgd_config(ctx)
+  c = config_section(ctx.config, "psgd", default_config())
   trained = {} if trained is None else trained
   base = ctx.float_accuracy
   out = []
 
   def row(method, bits, variables, seconds, **extra):
-    # `extra` may hold a float_accuracy column, which is also main.row's parameter name.
-    out.append({**main.row(method, bits, ctx.evaluate(variables, "test"), base, seconds),
-                **extra})
+    # `extra` may hold a float_accuracy column, which is also accuracy_row's parameter name.
+    out.append({**results.accuracy_row(method, bits, ctx.evaluate(variables, "test"), base,
+                                       seconds), **extra})
 
   for bits in c.bits:
     t = time.time()
