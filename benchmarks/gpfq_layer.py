@@ -1,4 +1,4 @@
-"""Benchmark of the GPFQ layer kernels (qjax._gpfq.layer): speed against a GEMM floor, and memory.
+"""Benchmark of the GPFQ layer kernels (`qjax.gpfq_layer`): speed against a GEMM floor, and memory.
 
 For each (m, N0, N1): seconds per layer for method="scan", "gram" and "auto" (median of 5 after a
 compile call, block_until_ready), this machine's float32 GEMM rate measured in the same rounds
@@ -27,17 +27,13 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from qjax import alphabets
-from qjax._gpfq import layer as layer_lib
-from qjax._gpfq.layer import gpfq_layer
+from qjax import alphabets, gpfq_flops, gpfq_layer
 
 SHAPES = ((2048, 784, 500), (8192, 800, 500), (2048, 4608, 512), (32768, 1152, 128))
 QUICK_SHAPES = ((512, 784, 500), (2048, 800, 500), (512, 1152, 512), (8192, 576, 128))
 STREAM = dict(rows=262_144, chunk=8192, N0=1024, N1=1024)
 QUICK_STREAM = dict(rows=32_768, chunk=8192, N0=1024, N1=1024)
 REPEATS = 5
-
-
 
 
 def layer(m: int, N0: int, N1: int, seed: int = 0):
@@ -90,9 +86,9 @@ def speed(shapes) -> list[dict]:
     ratio = statistics.median(a * 2.0 * m * N0 * N0 / g / floor_flops
                               for a, g in zip(times["auto"], times["gemm"]))
     # auto/floor = (flops auto runs / floor flops) / (rate auto reaches / GEMM rate), with the
-    # block size and method gpfq_layer itself picks.
-    *_, same, B, method = layer_lib._prepare(W, X, Xt, levels, "auto", None, jnp.float32)
-    auto_flops = layer_lib._flops(m, N0, N1, B, same)[method == "gram"]
+    # block size and method gpfq_layer itself picks (X_tilde is not X here).
+    cost = gpfq_flops(m, N0, N1)
+    auto_flops = cost.gram if cost.method == "gram" else cost.scan
     rows.append(dict(m=m, N0=N0, N1=N1, scan_s=seconds["scan"], gram_s=seconds["gram"],
                      auto_s=seconds["auto"], gemm_gflops=gflops, floor_s=floor_seconds,
                      auto_over_floor=ratio, auto_flops_over_floor=auto_flops / floor_flops,

@@ -1,9 +1,9 @@
-"""Benchmark of sharded GPFQ (qjax._gpfq.sharded) against one device, on 8 host CPU devices.
+"""Benchmark of sharded GPFQ (`qjax.gpfq_layer(..., mesh=)`) against one device, 8 host CPU devices.
 
 For each layer shape (m, N0, N1) and method ("scan", "gram"): seconds per layer on one device
-(`gpfq_layer`) and on meshes (data, model) = (8, 1), (2, 4), (1, 8) (`gpfq_layer_sharded`, inputs
-already placed on their shards), median of 3 after a compile call, and how many entries (in how
-many neurons) of Q differ from the one-device Q of the same form. For scale, the one-device row
+(`gpfq_layer`) and on meshes (data, model) = (8, 1), (2, 4), (1, 8) (`gpfq_layer(...,
+mesh=mesh)`, inputs already placed on their shards), median of 3 after a compile call, and how
+many entries (in how many neurons) of Q differ from the one-device Q of the same form. For scale, the one-device row
 counts where scan and gram differ: both are floating-point order on rounding ties (a flipped tie
 changes the rest of that neuron's column). Prints a table, writes benchmarks/gpfq_sharded.json.
 
@@ -30,8 +30,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 from gpfq_layer import layer, median_seconds  # noqa: E402  (the one-device benchmark's)
-from qjax._gpfq.layer import gpfq_layer  # noqa: E402
-from qjax._gpfq.sharded import gpfq_layer_sharded  # noqa: E402
+from qjax import gpfq_layer  # noqa: E402
 
 SHAPES = ((8192, 512, 512), (2048, 1024, 1024))
 QUICK_SHAPES = ((2048, 256, 256),)
@@ -61,7 +60,7 @@ def run(shapes) -> list[dict]:
         x, xt = (jax.device_put(a, NamedSharding(mesh, row_spec)) for a in (X, Xt))
         w = jax.device_put(W, NamedSharding(mesh, P(None, "model")))
         seconds, Q = median_seconds(
-            lambda: gpfq_layer_sharded(w, x, xt, levels, mesh=mesh, method=method), REPEATS)
+            lambda: gpfq_layer(w, x, xt, levels, mesh=mesh, method=method), REPEATS)
         rows.append(dict(m=m, N0=N0, N1=N1, method=method, mesh=f"{D}x{M}", seconds=seconds,
                          vs_single=seconds / single, differ=differ(Q, ref, f"{method}, 1 device")))
       for r in rows[-1 - len(MESHES):]:

@@ -2,13 +2,13 @@
 from qjax import alphabets
 from qjax import alq
 from qjax import psgd
-from qjax._gpfq.layer import gpfq_layer
+from qjax._gpfq.layer import gpfq_flops, gpfq_layer
 from qjax._gpfq.network import gpfq, quantize_msq
 from qjax.rounding import quantize_uniform, sparsity
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "alphabets", "alq", "psgd", "gpfq", "gpfq_layer", "quantize_msq", "quantize_uniform",
-    "sparsity",
+    "alphabets", "alq", "psgd", "gpfq", "gpfq_flops", "gpfq_layer", "quantize_msq",
+    "quantize_uniform", "sparsity",
 ]
