@@ -3,9 +3,10 @@
 For each layer shape (m, N0, N1) and method ("scan", "gram"): seconds per layer on one device
 (`gpfq_layer`) and on meshes (data, model) = (8, 1), (2, 4), (1, 8) (`gpfq_layer(...,
 mesh=mesh)`, inputs already placed on their shards), median of 3 after a compile call, and how
-many entries (in how many neurons) of Q differ from the one-device Q of the same form. For scale, the one-device row
-counts where scan and gram differ: both are floating-point order on rounding ties (a flipped tie
-changes the rest of that neuron's column). Prints a table, writes benchmarks/gpfq_sharded.json.
+many entries (in how many neurons) of Q differ from the one-device Q of the same form. For scale,
+the one-device row counts where scan and gram differ: both are floating-point order on rounding
+ties (a flipped tie changes the rest of that neuron's column). Prints a table, writes
+benchmarks/gpfq_sharded.json.
 
 The 8 "devices" are XLA host-platform devices sharing this machine's CPU cores (2 here), so the
 sharded runs cannot be faster: they do the same flops on the same cores plus the collectives.

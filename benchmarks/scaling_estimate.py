@@ -214,8 +214,8 @@ def report() -> str:
       "",
       "`auto` is gpfq_layer's rule, on one device and on a mesh alike, so both run the same "
       f"form: data form flops x {SCAN_WEIGHT} (its thinner GEMMs, a weight measured on XLA:CPU) "
-      "against Gram form flops, both from `qjax.gpfq_flops`. With m >> N0 that is roughly Gram when "
-      "N0 < 2.25 N1 (9 m N0 N1 > 4 m N0^2): every N0 = 4096 layer takes the Gram form, "
+      "against Gram form flops, both from `qjax.gpfq_flops`. With m >> N0 that is roughly Gram "
+      "when N0 < 2.25 N1 (9 m N0 N1 > 4 m N0^2): every N0 = 4096 layer takes the Gram form, "
       "`down` (N0 = 11008) the data form.",
       "",
   ]

@@ -1,32 +1,81 @@
 """GPFQ single-layer kernels: agreement with a plain Eq. (7)-(8) loop, and the paper's theory."""
 import functools
+from typing import NamedTuple
 
 import chex
+import flax
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
 
 from qjax import alphabets
+from qjax._gpfq.kernels import Levels
 from qjax._gpfq.layer import gpfq_layer, gpfq_residuals, relative_error
 
 
 def reference_gpfq(W, X, Xt, levels):
   """Eq. (7)-(8) neuron by neuron in float64, plus the smallest distance of an argument of Q to a
-  rounding tie (in units of the level spacing), so a test can tell a tie from a bug."""
-  W, X, Xt, levels = (np.asarray(a, np.float64) for a in (W, X, Xt, levels))
-  mids = (levels[1:] + levels[:-1]) / 2
+  rounding tie (in units of the level spacing), so a test can tell a tie from a bug.
+
+  `levels`: one sorted alphabet, or a function (t, j) -> the sorted alphabet of row t, neuron j.
+  """
+  W, X, Xt = (np.asarray(a, np.float64) for a in (W, X, Xt))
+  levels_of = levels if callable(levels) else lambda t, j: levels
   Q = np.zeros_like(W)
   margin = np.inf
   for j in range(W.shape[1]):
     u = np.zeros(X.shape[0])
     for t in range(W.shape[0]):
+      alphabet = np.asarray(levels_of(t, j), np.float64)
+      mids = (alphabet[1:] + alphabet[:-1]) / 2
       norm2 = Xt[:, t] @ Xt[:, t]
       arg = 0.0 if norm2 == 0 else Xt[:, t] @ (u + W[t, j] * X[:, t]) / norm2
-      Q[t, j] = levels[np.argmin(np.abs(arg - levels))]
-      margin = min(margin, np.min(np.abs(arg - mids)) / np.min(np.diff(levels)))
+      Q[t, j] = alphabet[np.argmin(np.abs(arg - alphabet))]
+      margin = min(margin, np.min(np.abs(arg - mids)) / np.min(np.diff(alphabet)))
       u += W[t, j] * X[:, t] - Q[t, j] * Xt[:, t]
   return Q, margin
+
+
+class NeuronLevels(NamedTuple):
+  """A rounder with its own sorted alphabet per neuron: column j of `levels` (L, N1)."""
+  levels: jax.Array
+
+  def round_row(self, z, t):
+    del t
+    nearest = jnp.argmin(jnp.abs(z[None, :] - self.levels), axis=0)
+    return jnp.take_along_axis(self.levels, nearest[None, :], axis=0)[0]
+
+
+@flax.struct.dataclass
+class GroupGrid:
+  """Rounds onto the uniform grid scale[g, j] * {-K, ..., K} of (group g = t // size, neuron j)."""
+  scale: jax.Array  # (G, N1)
+  size: int = flax.struct.field(pytree_node=False)
+  K: int = flax.struct.field(pytree_node=False)
+
+  def round_row(self, z, t):
+    s = self.scale[t // self.size]
+    return jnp.clip(jnp.round(z / s), -self.K, self.K) * s
+
+  def alphabet(self, t, j):
+    # float32 products, as round_row computes them
+    return np.asarray(self.scale)[t // self.size, j] * np.arange(-self.K, self.K + 1,
+                                                                 dtype=np.float32)
+
+
+def rounder_for(kind, W, seed):
+  """A per-neuron ("neuron") or per-group-and-neuron ("group", groups of 8 rows) rounder for W."""
+  rng = np.random.default_rng(seed)
+  N0, N1 = W.shape
+  if kind == "neuron":  # uneven per-neuron alphabets: 7 sorted random levels around 0
+    levels = np.sort(rng.uniform(-1.5, 1.5, size=(7, N1)) * np.abs(W).max(0), axis=0)
+    rounder = NeuronLevels(jnp.asarray(levels, jnp.float32))
+    return rounder, lambda t, j: np.asarray(rounder.levels[:, j])
+  scale = rng.uniform(0.5, 1.5, size=(-(-N0 // 8), N1)) * np.abs(W).max(0) / 3  # G = 6 at N0 = 45
+  rounder = GroupGrid(jnp.asarray(scale, jnp.float32), size=8, K=3)
+  return rounder, rounder.alphabet
 
 
 def layer_data(seed, m, N0, N1, bits=3, dead=(), same=False):
@@ -61,6 +110,30 @@ class AgreementTest(chex.TestCase):
     chex.assert_shape(Q, W.shape)
     chex.assert_type(Q, jnp.float32)
     np.testing.assert_array_equal(Q, Q_ref)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(kind=("neuron", "group"), method=("scan", "gram"), block_size=(None, 16))
+  def test_rounder_matches_reference_loop(self, kind, method, block_size):
+    # Row t of neuron j rounds onto its own grid; N0 = 45 leaves a short last block and group.
+    W, X, Xt, _ = layer_data(6, m=40, N0=45, N1=7, dead=(3, 20))
+    rounder, alphabet = rounder_for(kind, W, seed=7)
+    Q_ref, margin = reference_gpfq(W, X, Xt, alphabet)
+    assert margin > 2e-5
+    fn = functools.partial(gpfq_layer, method=method, block_size=block_size)
+    Q = self.variant(fn)(W, X, Xt, rounder)
+    chex.assert_shape(Q, W.shape)
+    chex.assert_type(Q, jnp.float32)
+    np.testing.assert_array_equal(Q, Q_ref)
+    np.testing.assert_array_equal(gpfq_residuals(W, X, Xt, rounder)[0], Q_ref)
+
+  @parameterized.parameters("scan", "gram")
+  def test_levels_rounder_is_the_alphabet(self, method):
+    W, X, Xt, levels = layer_data(8, m=50, N0=40, N1=6)
+    Q = gpfq_layer(W, X, Xt, levels, method=method, block_size=16)
+    shuffled = np.random.default_rng(0).permutation(np.asarray(levels))  # sorted by gpfq_layer
+    np.testing.assert_array_equal(gpfq_layer(W, X, Xt, shuffled, method=method, block_size=16), Q)
+    np.testing.assert_array_equal(
+        gpfq_layer(W, X, Xt, Levels(jnp.asarray(levels)), method=method, block_size=16), Q)
 
   @parameterized.parameters("auto", "scan", "gram")
   def test_chunked_input_equals_unchunked(self, method):
@@ -124,6 +197,43 @@ class AgreementTest(chex.TestCase):
       gpfq_layer(W, chunked(X, Xt, 4), Xt, levels)
     with pytest.raises(ValueError, match="empty"):
       gpfq_layer(W, [], None, levels)
+
+  def test_zero_calibration_rows(self):
+    # 0 rows used to return an all-zero Q silently.
+    W, X, Xt, levels = layer_data(5, m=8, N0=6, N1=2)
+    for method in ("auto", "scan", "gram"):
+      with pytest.raises(ValueError, match="X has 0 rows"):
+        gpfq_layer(W, X[:0], Xt[:0], levels, method=method)
+      with pytest.raises(ValueError, match="X has 0 rows"):
+        gpfq_layer(W, X[:0], None, levels, method=method)
+      with pytest.raises(ValueError, match=r"X \(all 2 chunks\) has 0 rows"):
+        gpfq_layer(W, [(X[:0], Xt[:0])] * 2, None, levels, method=method)
+    with pytest.raises(ValueError, match="X has 0 rows"):
+      gpfq_residuals(W, X[:0], None, levels)
+    with pytest.raises(ValueError, match="X has 0 rows"):
+      relative_error(W, W, X[:0])
+    # Empty chunks among non-empty ones are fine.
+    np.testing.assert_array_equal(gpfq_layer(W, [(X[:0], Xt[:0]), (X, Xt)], None, levels),
+                                  gpfq_layer(W, X, Xt, levels, method="gram"))
+
+  def test_bad_rounders(self):
+    W, X, Xt, _ = layer_data(5, m=8, N0=6, N1=2)
+    with pytest.raises(ValueError, match=r"levels\.levels has shape \(4, 3\).*N1=2"):
+      gpfq_layer(W, X, Xt, NeuronLevels(jnp.zeros((4, 3))))
+    with pytest.raises(ValueError, match=r"levels\.levels contains NaN"):
+      gpfq_layer(W, X, Xt, NeuronLevels(jnp.full((4, 2), jnp.nan)))
+    with pytest.raises(TypeError, match=r"round_row\(z, t\) must return"):
+      gpfq_layer(W, X, Xt, _WrongShape(jnp.ones((3,))))
+    with pytest.raises(TypeError, match="leaves must be arrays or scalars"):
+      gpfq_layer(W, X, Xt, _WrongShape("abc"))
+
+
+class _WrongShape(NamedTuple):
+  """A broken rounder: returns one value per level instead of one per neuron."""
+  levels: jax.Array
+
+  def round_row(self, z, t):
+    return self.levels + 0.0 * t
 
 
 def columns(kind, rng, m, N0):

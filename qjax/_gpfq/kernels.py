@@ -29,39 +29,42 @@ Rounder protocol
 A rounder is a pytree (a `flax.struct.dataclass`, a `typing.NamedTuple`, or any registered
 pytree) with one method::
 
-    def round(self, z: jax.Array, t: jax.Array) -> jax.Array
+    def round_row(self, z: jax.Array, t: jax.Array) -> jax.Array
+
+(it may have others, e.g. `round(Z)` for a whole (N0, N1) matrix; the kernels only call
+`round_row`, and a value with a callable `round_row` attribute is taken as a rounder).
 
 * `z`: float array (..., N1): the arguments of Q for input row t (0-based, 0 <= t < N0), one per
   neuron held. The kernels call it with z of shape (N1,) on one device and (N1 / M,) on a shard of
   M neuron shards (`qjax._gpfq.sharded`). A dead feature passes z = 0.
-* `t`: int32 scalar, usually traced (the kernels call `round` inside `jax.lax.scan`): index with
-  `jax.lax.dynamic_index_in_dim` / `leaf[t]`, never use it in Python control flow.
+* `t`: int32 scalar, usually traced (the kernels call `round_row` inside `jax.lax.scan`): index
+  with `leaf[t]` / `jax.lax.dynamic_index_in_dim`, never use it in Python control flow.
 * returns the rounded *values* (not indices), shape of z; the kernels cast them to z's dtype.
 * array leaves with ndim >= 2 have the neurons on their LAST axis, of size N1 (checked by
   `gpfq_layer`): per-neuron levels (L, N1), a scale per output channel (1, N1) or per group of g
   inputs and neuron (N0 / g, N1), pre-drawn uniforms (N0, N1), a key per neuron (1, N1). The
-  sharded path splits them over `model_axis` exactly like W's columns, so inside `round` such a
-  leaf's last axis always lines up with z's. Leaves with ndim 0 or 1 are shared by all neurons and
-  replicated: a sorted alphabet (L,), a scalar threshold or scale, a 0-d key. Static settings
-  (bits, group size, mode strings) go in non-pytree fields (`flax.struct.field(pytree_node=False)`)
-  so they stay Python values under jit.
+  sharded path splits them over `model_axis` exactly like W's columns, so inside `round_row` such
+  a leaf's last axis always lines up with z's. Leaves with ndim 0 or 1 are shared by all neurons
+  and replicated: a sorted alphabet (L,), the group of each row (N0,), a scalar threshold or scale
+  (a Python scalar is fine), a 0-d key. Static settings (bits, mode strings) go in non-pytree
+  fields (`flax.struct.field(pytree_node=False)`) so they stay Python values under jit.
 * column j of the result may depend only on column j of z and of the per-neuron leaves (plus the
   shared leaves and t): neurons are independent, which is what makes the sharded Q exact.
-* `round` is pure: it is traced once per compiled form and must not read global state.
+* `round_row` is pure: it is traced once per compiled form and must not read global state.
 
-Examples of rounders (the grids and quantizers of `qjax.alphabets` implement them):
+Examples of rounders (`qjax.grids` and the quantizers of `qjax.alphabets`):
 
 * `Levels(levels)`: the paper's nearest level of one sorted alphabet (Eq. 5); what a 1-D `levels`
   array passed to `gpfq_layer` becomes.
 * per-neuron / per-group integer grid: leaves `scale` (G, N1), `zero` (G, N1), static `group_size`,
-  `qmin`, `qmax`; `round` takes g = t // group_size, s = scale[g] (N1,), returns
+  `qmin`, `qmax`; `round_row` takes g = t // group_size, s = scale[g] (N1,), returns
   (clip(round(z / s) + zero[g], qmin, qmax) - zero[g]) * s.
 * stochastic rounding (SPFQ): draws depend on t, e.g. `jax.random.fold_in(key, t)`. With one
   shared 0-d key the draws of a neuron depend on how the neurons are sharded; for a Q independent
   of the mesh keep one key per neuron ((1, N1) key array, fold in t per column with `jax.vmap`)
   or pre-drawn uniforms u (N0, N1) and use u[t].
 * thresholding (sparse GPFQ, `hard_threshold_msq` / `soft_threshold_msq`): the threshold is a
-  shared 0-d leaf (or (1, N1) per neuron); `round` thresholds z, then takes the nearest level.
+  shared 0-d leaf (or (1, N1) per neuron); `round_row` thresholds z, then takes the nearest level.
 """
 from __future__ import annotations
 
@@ -85,7 +88,7 @@ DATA_FORM_WEIGHT = 1.5
 class Rounder(Protocol):
   """Q_t of the recursion for all neurons held: see the module docstring for the contract."""
 
-  def round(self, z: jax.Array, t: jax.Array) -> jax.Array:
+  def round_row(self, z: jax.Array, t: jax.Array) -> jax.Array:
     ...
 
 
@@ -93,14 +96,14 @@ class Levels(NamedTuple):
   """Nearest level of one sorted alphabet shared by every neuron and row (paper Eq. 5, `msq`)."""
   levels: jax.Array  # (L,) sorted ascending, the compute dtype
 
-  def round(self, z: jax.Array, t: jax.Array) -> jax.Array:
+  def round_row(self, z: jax.Array, t: jax.Array) -> jax.Array:
     del t  # the same alphabet for every row
     return msq(z, self.levels)
 
 
 def is_rounder(a: Any) -> bool:
   """True for a rounder, False for an array or a sequence of levels."""
-  return not (hasattr(a, "shape") and hasattr(a, "dtype")) and callable(getattr(a, "round", None))
+  return callable(getattr(a, "round_row", None))
 
 
 def as_rounder(levels: Any, dtype: Any) -> Any:
@@ -150,7 +153,7 @@ def quantize_block(A: jax.Array, Hb: jax.Array, rounder: Rounder, start: Any,
     t = start + i
     if last is not None:  # padded rows: keep t in [0, N0) for the rounder's per-row leaves
       t = jnp.minimum(t, last)
-    return Qb.at[i].set(rounder.round(arg, t).astype(Qb.dtype)), None
+    return Qb.at[i].set(rounder.round_row(arg, t).astype(Qb.dtype)), None
 
   Qb, _ = jax.lax.scan(step, jnp.zeros_like(A), jnp.arange(A.shape[0], dtype=jnp.int32))
   return Qb
@@ -279,7 +282,7 @@ def residual_form(W, X, Xt, rounder):
     w, x, xt, t = xs
     nrm = xt @ xt
     arg = (xt @ U + w * (xt @ x)) / jnp.where(nrm > 0, nrm, jnp.ones_like(nrm))
-    q = rounder.round(jnp.where(nrm > 0, arg, jnp.zeros_like(arg)), t).astype(W.dtype)
+    q = rounder.round_row(jnp.where(nrm > 0, arg, jnp.zeros_like(arg)), t).astype(W.dtype)
     U = U + x[:, None] * w[None, :] - xt[:, None] * q[None, :]
     return U, (q, jnp.sqrt(jnp.sum(U * U, axis=0)))
 

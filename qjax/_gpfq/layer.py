@@ -54,19 +54,20 @@ def _check_rounder(rounder: Any, N1: int, dtype) -> None:
   """The shape rules of the rounder protocol (qjax._gpfq.kernels), checked before any tracing."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(rounder):
     name = f"levels{jax.tree_util.keystr(path)}"
-    if not hasattr(leaf, "ndim"):
-      raise TypeError(f"{name}: a rounder's pytree leaves must be arrays, got "
+    if not (hasattr(leaf, "ndim") or isinstance(leaf, (int, float, bool, np.generic))):
+      raise TypeError(f"{name}: a rounder's pytree leaves must be arrays or scalars, got "
                       f"{type(leaf).__name__} (make static settings non-pytree fields)")
     if kernels.per_neuron(leaf) and leaf.shape[-1] != N1:
       raise ValueError(f"{name} has shape {leaf.shape}: a rounder leaf with 2 or more dims must "
                        f"have the N1={N1} neurons of W on its last axis")
-    if jnp.issubdtype(leaf.dtype, jnp.inexact) and not _all_finite(leaf):
+    leaf_dtype = leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    if jnp.issubdtype(leaf_dtype, jnp.inexact) and not _all_finite(leaf):
       raise ValueError(f"{name} contains NaN or Inf")
   z = jax.ShapeDtypeStruct((N1,), dtype)
   t = jax.ShapeDtypeStruct((), jnp.int32)
-  out = jax.eval_shape(lambda r, z, t: r.round(z, t), rounder, z, t)
+  out = jax.eval_shape(lambda r, z, t: r.round_row(z, t), rounder, z, t)
   if getattr(out, "shape", None) != (N1,) or not jnp.issubdtype(out.dtype, jnp.floating):
-    raise TypeError(f"levels.round(z, t) must return float values shaped like z {(N1,)}, got "
+    raise TypeError(f"levels.round_row(z, t) must return float values shaped like z {(N1,)}, got "
                     f"{out}")
 
 
@@ -177,8 +178,8 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       single-layer setting of Eq. 9).
     levels: the alphabet, 1-D (e.g. from `qjax.alphabets.levels_for`; sorted here, every row and
       neuron rounds to its nearest level, Eq. 5); or a rounder, a pytree with a method
-      `round(z, t)` giving Q_t for input row t, which can hold per-neuron or per-group grids (the
-      protocol is in `qjax._gpfq.kernels`).
+      `round_row(z, t)` giving Q_t for input row t, which can hold per-neuron or per-group grids
+      (the protocol is in `qjax._gpfq.kernels`).
     method: "scan" (blocked data form), "gram" (exact Gram form) or "auto": the cheaper by flop
       count, data ~6 m N0 N1 + 4 m N0 B (weighted 1.5x for its thinner GEMMs) against Gram
       ~4 m N0^2 + 4 N0^2 N1 (X_tilde = X drops the G terms; `qjax.gpfq_flops` gives the counts
@@ -201,7 +202,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       X_tilde or the levels, empty levels, a rounder leaf whose last axis is not N1, or an
       unknown method; with a mesh, an axis not in it or N1 not divisible by the size of
       `model_axis`.
-    TypeError: a rounder whose `round` does not return floats shaped like its argument.
+    TypeError: a rounder whose `round_row` does not return floats shaped like its argument.
   """
   rounder, X, X_tilde, same, B, method = _prepare(W, X, X_tilde, levels, method, block_size,
                                                   dtype)
