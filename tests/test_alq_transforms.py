@@ -140,8 +140,8 @@ class TransformsTest(chex.TestCase):
     gw = np.asarray(alq.to_groups(grads["Dense_0"]["kernel"], old.structure), np.float64)
     (g_hat, h_hat), = _np_amsgrad([gw], lr)
     shadow = np.asarray(old.groups(), np.float64) - g_hat / h_hat  # Eq. (33)
-    np.testing.assert_allclose(new_state.shadow["Dense_0"]["kernel"], shadow, rtol=1e-5,
-                               atol=1e-6)
+    np.testing.assert_allclose(optax.tree_utils.tree_get(new_state, "shadow")["Dense_0"]["kernel"],
+                               shadow, rtol=1e-5, atol=1e-6)
     mask = np.asarray(old.mask)
     for g in range(mask.shape[0]):
       live = mask[g]
@@ -199,3 +199,136 @@ def test_missing_params_is_an_error():
   q = _quantized()
   with pytest.raises(ValueError, match="params"):
     alq.basis(1e-3).update(_grads(q, 0), alq.basis(1e-3).init(q))
+
+
+def _bf16_tree(q):
+  """q with bfloat16 biases: float leaves of another dtype next to the QuantizedKernels."""
+  return jax.tree.map(lambda x: x if alq.is_quantized(x) else x.astype(jnp.bfloat16), q,
+                      is_leaf=alq.is_quantized)
+
+
+class OptaxContractTest(chex.TestCase):
+  """What optax expects of a transformation: stable state, jit, schedules, wrappers, dtypes."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_state_shapes_and_dtypes_are_stable(self):
+    q = _quantized()
+    qk = q["Dense_0"]["kernel"]
+    for tx, domain in ((alq.coordinate(1e-2), qk.alpha.shape), (alq.basis(1e-2), qk.B.shape[:2]),
+                       (alq.ste(1e-2), qk.B.shape[:2])):
+      state = tx.init(q)
+      update = self.variant(tx.update)
+      cur = q
+      for s in range(2):
+        updates, new_state = update(_grads(cur, s), state, cur)
+        chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+        state, cur = new_state, optax.apply_updates(cur, updates)
+      m = alq.loss_aware_moments(state)
+      assert m.count.dtype == jnp.int32 and int(m.count) == 2
+      for leaf in (m.mu, m.nu, m.nu_max):
+        assert leaf["Dense_0"]["kernel"].shape == domain
+        assert leaf["Dense_0"]["kernel"].dtype == jnp.float32
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_shared_model_matches_numpy_amsgrad(self):
+    q = _quantized()
+    lr = 1e-2
+    tx = alq.scale_by_loss_aware_amsgrad(lr)
+    state = tx.init(q)
+    update = self.variant(tx.update)
+    grads_seq = [_grads(q, s) for s in range(3)]
+    qk = q["Conv_0"]["kernel"]
+    gw = [np.asarray(alq.to_groups(g["Conv_0"]["kernel"], qk.structure), np.float64)
+          for g in grads_seq]
+    for grads, (g_hat, h_hat) in zip(grads_seq, _np_amsgrad(gw, lr)):
+      updates, state = update(grads, state, q)
+      model = updates["Conv_0"]["kernel"]
+      assert isinstance(model, alq.QuadraticModel)
+      np.testing.assert_allclose(model.g_hat, g_hat, rtol=1e-4, atol=1e-7)
+      np.testing.assert_allclose(model.h_hat, h_hat, rtol=1e-4, atol=1e-7)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_inject_hyperparams_schedule_equals_plain_schedule(self):
+    q = _quantized()
+    sched = optax.exponential_decay(1e-2, transition_steps=1, decay_rate=0.5)
+    for make in (alq.coordinate, alq.basis, alq.ste):
+      plain, injected = make(sched), optax.inject_hyperparams(make)(learning_rate=sched)
+      states = [plain.init(q), injected.init(q)]
+      updates = [self.variant(plain.update), self.variant(injected.update)]
+      cur = q
+      for s in range(3):
+        grads = _grads(cur, s)
+        (u0, s0), (u1, s1) = [f(grads, st, cur) for f, st in zip(updates, states)]
+        chex.assert_trees_all_equal_shapes_and_dtypes(s1, states[1])
+        chex.assert_trees_all_close(u0, u1, rtol=1e-5, atol=1e-6)  # lr rounded differently
+        states = [s0, s1]
+        cur = optax.apply_updates(cur, u0)
+      # the rate of the last step taken (step 2)
+      np.testing.assert_allclose(states[1].hyperparams["learning_rate"], 1e-2 * 0.5 ** 2,
+                                 rtol=1e-6)
+      # and prune finds the moments under the wrapper
+      new_q, _ = alq.prune(cur, states[1], 3, top_k=1.0, learning_rate=1e-2)
+      assert alq.num_alphas(cur) - alq.num_alphas(new_q) == 3
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_chain_clip_basis_then_prune(self):
+    """The moments are found inside optax.chain: the same pruning as basis on clipped grads."""
+    q = _quantized()
+    lr = 1e-2
+    chained = optax.chain(optax.clip(0.5), alq.basis(lr))
+    plain = alq.basis(lr)
+    s_chain, s_plain = chained.init(q), plain.init(q)
+    for s in range(2):
+      grads = _grads(q, s)
+      _, s_chain = self.variant(chained.update)(grads, s_chain, q)
+      _, s_plain = self.variant(plain.update)(jax.tree.map(lambda g: jnp.clip(g, -0.5, 0.5),
+                                                           grads), s_plain, q)
+    prune = self.variant(lambda q, s: alq.prune(q, s, 7, top_k=1.0, learning_rate=lr))
+    got, new_state = prune(q, s_chain)
+    want, _ = prune(q, s_plain)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, s_chain)
+    assert alq.num_alphas(q) - alq.num_alphas(got) == 7
+    for name in ("Conv_0", "Dense_0"):
+      chex.assert_trees_all_equal(got[name]["kernel"].mask, want[name]["kernel"].mask)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_dtypes_preserved(self):
+    q = _bf16_tree(_quantized())
+    assert q["Dense_0"]["bias"].dtype == jnp.bfloat16
+    for tx in (alq.coordinate(1e-2), alq.basis(1e-2), alq.ste(1e-2)):
+      state = tx.init(q)
+      grads = jax.tree.map(lambda g: g.astype(jnp.bfloat16), _grads(q, 0))
+      updates, new_state = self.variant(tx.update)(grads, state, q)
+      chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+      new = optax.apply_updates(q, updates)
+      for name in ("Conv_0", "Dense_0"):
+        assert updates[name]["bias"].dtype == jnp.bfloat16
+        assert new[name]["bias"].dtype == jnp.bfloat16
+        k = new[name]["kernel"]
+        assert (k.alpha.dtype, k.B.dtype, k.mask.dtype) == (jnp.float32, jnp.int8, jnp.bool_)
+
+  def test_steps_reject_other_updates(self):
+    q = _quantized()
+    tx = alq.basis_step()
+    with pytest.raises(TypeError, match="scale_by_loss_aware_amsgrad"):
+      tx.update(_grads(q, 0), tx.init(q), q)
+
+
+def test_prune_needs_the_moments():
+  q = _quantized()
+  with pytest.raises(ValueError, match="ScaleByLossAwareAmsgradState"):
+    alq.prune(q, optax.adam(1e-3).init(q), 1, top_k=1.0, learning_rate=1e-3)
+  two = optax.chain(alq.basis(1e-3), alq.coordinate(1e-3)).init(q)
+  with pytest.raises(ValueError, match="more than one"):
+    alq.prune(q, two, 1, top_k=1.0, learning_rate=1e-3)
+
+
+def test_prune_domain_ambiguous_when_group_size_is_max_bits():
+  params = {"Dense_0": {"kernel": jax.random.normal(jax.random.key(0), (3, 4))}}
+  q = alq.init(params, {"Dense_0": "channel-wise"}, max_bits=3, sigma=0.0)  # n = I_max = 3
+  tx = alq.basis(1e-2)
+  _, state = tx.update(_grads(q, 0), tx.init(q), q)
+  with pytest.raises(ValueError, match="'Dense_0'.*alpha_domain"):
+    alq.prune(q, state, 1, top_k=1.0, learning_rate=1e-2)
+  new_q, _ = alq.prune(q, state, 1, top_k=1.0, learning_rate=1e-2, alpha_domain=False)
+  assert alq.num_alphas(q) - alq.num_alphas(new_q) == 1

@@ -65,24 +65,33 @@ class History:
   phase: list[str] = dataclasses.field(default_factory=list)  # 'basis', 'coordinate', ... per step
 
 
-def _step_fn(name: str, loss_fn: LossFn):
-  """A jitted training step of the named transform; the learning rate is a traced argument."""
+def _transform(name: str, lr: float) -> optax.GradientTransformationExtraArgs:
+  """The named transform with its learning rate as a hyperparameter in the state (float32), so
+  one jitted step serves every epoch's decayed rate."""
+  return optax.inject_hyperparams(_TRANSFORMS[name], hyperparam_dtype=jnp.float32)(
+      learning_rate=lr)
 
-  def step(q, state, x, y, lr):
+
+def _step_fn(tx: optax.GradientTransformationExtraArgs, loss_fn: LossFn):
+  """A jitted training step of `tx`."""
+
+  def step(q, state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(reconstruct(q), x, y)
-    updates, state = _TRANSFORMS[name](lr).update(grads, state, q)
+    updates, state = tx.update(grads, state, q)
     return optax.apply_updates(q, updates), state, loss
 
   return jax.jit(step)
 
 
-def _prune_fn(loss_fn: LossFn, top_k: float):
-  """A jitted Alg. 2 iteration: alpha-domain AMSGrad moments of this batch, then remove M_p."""
+def _prune_fn(tx: optax.GradientTransformationExtraArgs, loss_fn: LossFn, top_k: float):
+  """A jitted Alg. 2 iteration: alpha-domain AMSGrad moments of this batch (`tx` a
+  `coordinate`), then remove M_p with the same step size in the quadratic model."""
 
-  def step(q, state, x, y, num_remove, lr):
+  def step(q, state, x, y, num_remove):
     loss, grads = jax.value_and_grad(loss_fn)(reconstruct(q), x, y)
-    _, state = transforms.coordinate(lr).update(grads, state, q)
-    q, state = prune(q, state, num_remove, top_k=top_k, learning_rate=lr)
+    _, state = tx.update(grads, state, q)
+    q, state = prune(q, state, num_remove, top_k=top_k,
+                     learning_rate=state.hyperparams["learning_rate"], alpha_domain=True)
     return q, state, loss
 
   return jax.jit(step)
@@ -131,8 +140,10 @@ def run(params: PyTree, loss_fn: LossFn, data: tuple[np.ndarray, np.ndarray],
   steps_per_epoch = len(x) // c.batch_size
   history = History()
   start = time.perf_counter()
-  steps = {name: _step_fn(name, loss_fn) for name in _TRANSFORMS}
-  prune_step = _prune_fn(loss_fn, c.top_k)
+  txs = {name: _transform(name, 0.0) for name in _TRANSFORMS}
+  steps = {name: _step_fn(tx, loss_fn) for name, tx in txs.items()}
+  prune_tx = _transform("coordinate", c.prune_lr)
+  prune_step = _prune_fn(prune_tx, loss_fn, c.top_k)
 
   def record(r, q):
     rep = report(q)
@@ -146,12 +157,12 @@ def run(params: PyTree, loss_fn: LossFn, data: tuple[np.ndarray, np.ndarray],
 
   def train(q, name, epochs, lr, decay):
     nonlocal key
-    state = _TRANSFORMS[name](lr).init(q)
+    state = txs[name].init(q)
     for epoch in range(epochs):
       key, sub = jax.random.split(key)
-      epoch_lr = jnp.float32(lr * decay ** epoch)
+      state.hyperparams["learning_rate"] = jnp.float32(lr * decay ** epoch)
       for xb, yb in _batches(x, y, c.batch_size, sub):
-        q, state, loss = steps[name](q, state, xb, yb, epoch_lr)
+        q, state, loss = steps[name](q, state, xb, yb)
         history.loss.append(float(loss))
         history.phase.append(name)
     return q
@@ -161,12 +172,12 @@ def run(params: PyTree, loss_fn: LossFn, data: tuple[np.ndarray, np.ndarray],
     live = num_alphas(q)
     iterations = c.prune_iterations or steps_per_epoch
     per_iteration = max(1, -(-(live - target) // iterations))
-    state = transforms.coordinate(c.prune_lr).init(q)
+    state = prune_tx.init(q)
     while live > target:
       key, sub = jax.random.split(key)
       for xb, yb in _batches(x, y, c.batch_size, sub):
         num_remove = jnp.int32(min(per_iteration, live - target))
-        q, state, loss = prune_step(q, state, xb, yb, num_remove, jnp.float32(c.prune_lr))
+        q, state, loss = prune_step(q, state, xb, yb, num_remove)
         history.loss.append(float(loss))
         history.phase.append("prune")
         live = num_alphas(q)

@@ -1,26 +1,28 @@
-"""ALQ optimizer steps as optax transformations (Sec. 3.3, Appendix B.2 and B.4).
+"""ALQ optimizer steps as optax transformations (Qu et al. 2020, Sec. 3.3, Appendix B.2, B.4).
 
-All three read AMSGrad as a diagonal quadratic model of the loss around the current weights, as
-the authors' code does (beta1 0.9, beta2 0.999, eps 1e-8; PyTorch's form of the bias correction):
+Every ALQ step reads AMSGrad as a diagonal quadratic model of the loss around the current
+weights, as the authors' code does (beta1 0.9, beta2 0.999, eps 1e-8; PyTorch's form of the bias
+correction):
 
   g_hat = lr / (1 - beta1^t) m,   H_hat = (sqrt(v_hat) + eps) / sqrt(1 - beta2^t),   v_hat = max v
   loss(w) ~ g_hat^T (w - w_hat) + 1/2 (w - w_hat)^T diag(H_hat) (w - w_hat)
 
-so that the plain AMSGrad step is w <- w - g_hat / H_hat.
+so that the plain AMSGrad step is w <- w - g_hat / H_hat. That shared piece is one
+transformation, `scale_by_loss_aware_amsgrad`; the three ALQ optimizers are it chained with the
+small step that differs:
 
-* `coordinate` (Alg. 4, Eq. 14, 21): B fixed; AMSGrad in the alpha domain on
-  dl/dalpha_g = B_g^T dl/dw_hat_g (dead slots masked).
-* `basis` (Alg. 3, Eq. 17-23): AMSGrad moments in the w domain; with alpha fixed each weight's
-  row of B is the sign pattern whose value b^T alpha is nearest to the target
-  w* = w_hat - g_hat / H_hat (exact search over the 2^I_max patterns' values; dead slots
-  contribute 0),
-  then alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat) (Eq. 23) and negative alphas are made
-  positive by flipping their basis column.
-* `ste` (Alg. 6, Eq. 31-37): keeps full-precision shadow weights w (in the state), steps
-  w <- w - g_hat / H_hat (Eq. 33) with the gradient of w_hat (STE, Eq. 31), then refits B
-  (Eq. 35) and alpha (Eq. 36) to the new w.
+* `coordinate` = scale_by_loss_aware_amsgrad(alpha_domain=True) + `alpha_step` (Alg. 4,
+  Eq. 14, 21): B fixed; AMSGrad in the alpha domain on dl/dalpha_g = B_g^T dl/dw_hat_g.
+* `basis` = scale_by_loss_aware_amsgrad() + `basis_step` (Alg. 3, Eq. 17-23): moments in the
+  w domain; with alpha fixed each weight's row of B is the sign pattern whose value b^T alpha is
+  nearest to the target w* = w_hat - g_hat / H_hat (exact search over the 2^I_max patterns'
+  values; dead slots contribute 0), then alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat)
+  (Eq. 23) and negative alphas are made positive by flipping their basis column.
+* `ste` = scale_by_loss_aware_amsgrad() + `ste_step` (Alg. 6, Eq. 31-37): full-precision shadow
+  weights w (in `SteState`) step w <- w - g_hat / H_hat (Eq. 33) with the gradient of w_hat
+  (STE, Eq. 31), then B (Eq. 35) and alpha (Eq. 36) are refitted to the new w.
 
-Parameters other than QuantizedKernels (biases, float layers) take a plain AMSGrad step.
+Parameters other than QuantizedKernels (biases, float layers) take the plain AMSGrad step.
 
 Gradients: `update(grads, state, params)` takes the gradients w.r.t. the *reconstructed* tree,
 i.e. `jax.grad(loss)(qjax.alq.reconstruct(params))`: a kernel-shaped dl/dw_hat where `params` has
@@ -31,8 +33,18 @@ Updates: the returned tree has the structure of `params`; for a QuantizedKernel 
 QuantizedKernel of deltas -- alpha: new - old (float32), B: new - old (int8, in {-2, 0, 2}, exact),
 mask: all False -- so `optax.apply_updates(params, updates)` gives the new quantized layers (for
 bool leaves `p + u` is a logical or, and the transforms never revive a slot). Masks change only in
-`qjax.alq.prune`. Chaining these transforms after others is fine; chaining others after them
-(e.g. scaling the updates) is not meaningful, since B must stay binary.
+`qjax.alq.prune`, which finds the moments in any state that holds a
+`ScaleByLossAwareAmsgradState` (plain, chained, or under `optax.inject_hyperparams`).
+
+Chaining gradient transformations before these is fine (e.g. `optax.chain(optax.clip(1.0),
+qjax.alq.basis(1e-3))`); chaining others after them (e.g. scaling the updates) is not
+meaningful, since B must stay binary.
+
+References:
+  Qu, Zhou, Cheng & Thiele, `Adaptive Loss-aware Quantization for Multi-bit Networks
+  <https://arxiv.org/abs/1912.08883>`_, CVPR 2020 (Eq. (13)-(23), Alg. 2-6).
+  Reddi, Kale & Kumar, `On the Convergence of Adam and Beyond
+  <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018 (AMSGrad).
 """
 from __future__ import annotations
 
@@ -48,29 +60,27 @@ from qjax.alq.kernel import QuantizedKernel, group, is_quantized, map_quantized
 PyTree = Any
 
 
-class CoordinateState(NamedTuple):
-  """State of `coordinate`: AMSGrad moments in the alpha domain."""
-  count: jax.Array  # () int32, steps taken
-  mu: PyTree  # first moment; (G, I_max) float32 per QuantizedKernel, param-shaped elsewhere
-  nu: PyTree  # second moment; same shapes as mu
-  nu_max: PyTree  # running max of nu (AMSGrad); same shapes as mu
+class ScaleByLossAwareAmsgradState(NamedTuple):
+  """State of `scale_by_loss_aware_amsgrad`: the AMSGrad moments behind the quadratic model."""
+  count: jax.Array  # () int32; steps taken (t of the bias corrections)
+  # First moment m. Per QuantizedKernel (G, n) float32 in the w domain (group layout of the
+  # kernel) or (G, I_max) float32 in the alpha domain; elsewhere the param's shape and dtype.
+  mu: optax.Updates
+  nu: optax.Updates  # second moment v; shapes and dtypes as mu
+  nu_max: optax.Updates  # running max of v (AMSGrad's v_hat); shapes and dtypes as mu
 
 
-class BasisState(NamedTuple):
-  """State of `basis`: AMSGrad moments in the w domain."""
-  count: jax.Array  # () int32, steps taken
-  mu: PyTree  # first moment; (G, n) float32 per QuantizedKernel (group layout), param-shaped else
-  nu: PyTree  # second moment; same shapes as mu
-  nu_max: PyTree  # running max of nu (AMSGrad); same shapes as mu
+class QuadraticModel(NamedTuple):
+  """The update `scale_by_loss_aware_amsgrad` emits for a QuantizedKernel (same domain and shapes
+  as its moments): loss(w) ~ g_hat^T (w - w_hat) + 1/2 (w - w_hat)^T diag(h_hat) (w - w_hat)."""
+  g_hat: jax.Array  # (G, n) or (G, I_max) float32; lr-scaled, bias-corrected first moment
+  h_hat: jax.Array  # same shape, float32 > 0; diagonal curvature (sqrt(v_hat) + eps), corrected
 
 
 class SteState(NamedTuple):
-  """State of `ste`: AMSGrad moments and full-precision shadow weights in the w domain."""
-  count: jax.Array  # () int32, steps taken
-  mu: PyTree  # first moment; (G, n) float32 per QuantizedKernel (group layout), param-shaped else
-  nu: PyTree  # second moment; same shapes as mu
-  nu_max: PyTree  # running max of nu (AMSGrad); same shapes as mu
-  shadow: PyTree  # (G, n) float32 shadow weights per QuantizedKernel; the float param elsewhere
+  """State of `ste_step`: the full-precision shadow weights of STE (Alg. 6)."""
+  # (G, n) float32 per QuantizedKernel (group layout); elsewhere the float param (shape, dtype).
+  shadow: optax.Params
 
 
 def quadratic_model(mu: jax.Array, nu_max: jax.Array, count: jax.Array, lr: jax.Array, b1: float,
@@ -197,13 +207,179 @@ def _delta(q: QuantizedKernel, alpha: jax.Array, B: jax.Array) -> QuantizedKerne
   return q.replace(alpha=alpha - q.alpha, B=B - q.B, mask=jnp.zeros_like(q.mask))
 
 
+def _check_model(model: Any, where: str) -> QuadraticModel:
+  if not isinstance(model, QuadraticModel):
+    raise TypeError(f"qjax.alq.{where} expects, for each QuantizedKernel, the QuadraticModel that "
+                    f"scale_by_loss_aware_amsgrad emits, got {type(model).__name__}; chain it "
+                    f"directly after scale_by_loss_aware_amsgrad")
+  return model
+
+
+def _needs_params(params: PyTree, where: str) -> None:
+  if params is None:
+    raise ValueError(f"qjax.alq.{where} needs params (the quantized tree) in update: "
+                     f"tx.update(grads, state, params)")
+
+
+def scale_by_loss_aware_amsgrad(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9,
+                                b2: float = 0.999, eps: float = 1e-8, *,
+                                alpha_domain: bool = False
+                                ) -> optax.GradientTransformationExtraArgs:
+  r"""AMSGrad moments read as a diagonal quadratic model of the loss (the shared piece of ALQ).
+
+  With t the step count, m, v the exponential moving averages of the gradient and its square and
+  v_hat = max(v_hat, v) (AMSGrad),
+
+    g_hat = lr / (1 - b1^t) m,   H_hat = (sqrt(v_hat) + eps) / sqrt(1 - b2^t),
+
+  the local model loss(w) ~ g_hat^T (w - w_hat) + 1/2 (w - w_hat)^T diag(H_hat) (w - w_hat)
+  behind Qu et al. 2020, Eq. (13), (17) and (22) (its minimiser w_hat - g_hat / H_hat is the
+  AMSGrad step).
+
+  For a QuantizedKernel the gradient (w.r.t. the reconstructed kernel) is taken in its group
+  layout (G, n) (the w domain), or with `alpha_domain=True` projected to dl/dalpha_g =
+  B_g^T dl/dw_hat_g (Eq. (14), dead slots 0; shape (G, I_max)); the update emitted for it is the
+  `QuadraticModel` (g_hat, H_hat), which `alpha_step`, `basis_step` or `ste_step` turn into new
+  bases and coordinates. Every other leaf gets the AMSGrad step -g_hat / H_hat in its own dtype.
+
+  Args:
+    learning_rate: float or optax schedule of the step count; scales g_hat.
+    b1, b2: decay rates of the first and second moments.
+    eps: added to sqrt(v_hat), keeps H_hat > 0.
+    alpha_domain: keep the QuantizedKernels' moments in the alpha domain (Alg. 2, 4) instead of
+      the w domain (Alg. 3, 6).
+
+  Returns:
+    A GradientTransformationExtraArgs whose state is a `ScaleByLossAwareAmsgradState`;
+    `update(grads, state, params)` needs `params`.
+
+  References:
+    Qu et al., `Adaptive Loss-aware Quantization for Multi-bit Networks
+    <https://arxiv.org/abs/1912.08883>`_, CVPR 2020: the quadratic model of Eq. (13), (17),
+    (22); the alpha gradient, Eq. (14).
+    Reddi et al., `On the Convergence of Adam and Beyond
+    <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018 (AMSGrad).
+  """
+
+  def init_fn(params):
+    like = (lambda q: q.alpha) if alpha_domain else (lambda q: q.B[..., 0])
+    zeros = lambda: _zeros(params, like)
+    return ScaleByLossAwareAmsgradState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(),
+                                        nu_max=zeros())
+
+  def update_fn(grads, state, params=None, **extra_args):
+    del extra_args
+    _needs_params(params, "scale_by_loss_aware_amsgrad")
+    count = optax.safe_increment(state.count)
+    lr = _lr(learning_rate, state.count)
+
+    def quantized(q, g, mu, nu, nu_max):
+      g = _alpha_grad(q, g) if alpha_domain else group(g, q).astype(jnp.float32)
+      mu, nu, nu_max = _moments(g, mu, nu, nu_max, b1, b2)
+      model = QuadraticModel(*quadratic_model(mu, nu_max, count, lr, b1, b2, eps))
+      return model, mu, nu, nu_max
+
+    def other(p, g, mu, nu, nu_max):
+      step, mu, nu, nu_max = _float_step(g, mu, nu, nu_max, count, lr, b1, b2, eps)
+      return step.astype(jnp.asarray(p).dtype), mu, nu, nu_max
+
+    out = map_quantized(quantized, other, params, grads, state.mu, state.nu, state.nu_max)
+    updates, mu, nu, nu_max = _unzip(params, out, 4)
+    return updates, ScaleByLossAwareAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def alpha_step() -> optax.GradientTransformationExtraArgs:
+  """Alg. 4's coordinate step: alpha <- alpha - g_hat_alpha / H_hat_alpha (Eq. (21)), B fixed.
+
+  Takes the alpha-domain `QuadraticModel`s of `scale_by_loss_aware_amsgrad(alpha_domain=True)`;
+  other leaves' updates pass through. Dead slots stay 0. Stateless.
+
+  References:
+    Qu et al. 2020, Eq. (21), Alg. 4.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _needs_params(params, "alpha_step")
+
+    def quantized(q, model):
+      g_hat, h_hat = _check_model(model, "alpha_step")
+      return _delta(q, q.alpha - g_hat / h_hat, q.B)
+
+    return map_quantized(quantized, lambda p, u: u, params, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def basis_step() -> optax.GradientTransformationExtraArgs:
+  """Alg. 3's step: B by exhaustive nearest-value search, then the speedup alpha (Eq. (17)-(23)).
+
+  Takes the w-domain `QuadraticModel`s of `scale_by_loss_aware_amsgrad()` around w_hat = B alpha;
+  other leaves' updates pass through. Stateless.
+
+  References:
+    Qu et al. 2020, Eq. (17)-(23), Alg. 3.
+  """
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _needs_params(params, "basis_step")
+
+    def quantized(q, model):
+      g_hat, h_hat = _check_model(model, "basis_step")
+      alpha, B = refit(q, q.groups(), g_hat, h_hat)
+      return _delta(q, alpha, B)
+
+    return map_quantized(quantized, lambda p, u: u, params, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def ste_step() -> optax.GradientTransformationExtraArgs:
+  """Alg. 6's step: shadow w <- w - g_hat / H_hat (Eq. (33)), then B, alpha refitted to w.
+
+  Takes the w-domain `QuadraticModel`s of `scale_by_loss_aware_amsgrad()` (from the gradient of
+  the quantized weights, the STE of Eq. (31)); B_j = argmin_b |b^T alpha - w_j| (Eq. (35)),
+  alpha = (B^T H_hat B)^{-1} B^T H_hat w (Eq. (36)), alphas made positive. Other leaves' updates
+  pass through and are added to their shadow. State: `SteState`, shadows initialized to B alpha
+  (the float params elsewhere).
+
+  References:
+    Qu et al. 2020, Appendix B.4, Eq. (31)-(37), Alg. 6.
+  """
+
+  def init_fn(params):
+    return SteState(shadow=map_quantized(lambda q: q.groups(), lambda p: jnp.asarray(p), params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    _needs_params(params, "ste_step")
+
+    def quantized(q, model, w):
+      g_hat, h_hat = _check_model(model, "ste_step")
+      alpha, B = refit(q, w, g_hat, h_hat)
+      return _delta(q, alpha, B), w - g_hat / h_hat
+
+    def other(p, step, w):
+      return step, w + step
+
+    out = map_quantized(quantized, other, params, updates, state.shadow)
+    updates, shadow = _unzip(params, out, 2)
+    return updates, SteState(shadow=shadow)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def coordinate(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
                eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
   """Optimizing the coordinates alpha with B fixed (Alg. 4): AMSGrad in the alpha domain.
 
-  g_alpha = B_g^T dl/dw_hat_g (Eq. 14) feeds AMSGrad moments (m, v, v_hat = max v) and
-  alpha <- alpha - g_hat_alpha / H_hat_alpha (Eq. 21), i.e.
+  g_alpha = B_g^T dl/dw_hat_g (Eq. (14)) feeds AMSGrad moments (m, v, v_hat = max v) and
+  alpha <- alpha - g_hat_alpha / H_hat_alpha (Eq. (21)), i.e.
   alpha <- alpha - lr sqrt(1 - b2^t) / (1 - b1^t) m / (sqrt(v_hat) + eps). Dead slots stay 0.
+  `optax.chain(scale_by_loss_aware_amsgrad(..., alpha_domain=True), alpha_step())`.
 
   Args:
     learning_rate: float or optax schedule of the step count (paper: 1e-5, x0.8 per epoch).
@@ -211,126 +387,76 @@ def coordinate(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float
 
   Returns:
     A GradientTransformationExtraArgs; `update(grads, state, params)` needs `params` and grads
-    w.r.t. `reconstruct(params)` (see the module docstring).
+    w.r.t. `reconstruct(params)` (see the module docstring). Its state holds a
+    `ScaleByLossAwareAmsgradState` (alpha domain), which `prune` reads.
+
+  Example::
+
+    >>> import jax, optax
+    >>> from qjax import alq
+    >>> q = alq.init({"Dense_0": {"kernel": jax.numpy.ones((4, 2))}},
+    ...              {"Dense_0": "channel-wise"}, max_bits=2, sigma=0.0)
+    >>> tx = alq.coordinate(1e-3)
+    >>> grads = {"Dense_0": {"kernel": jax.numpy.ones((4, 2))}}
+    >>> updates, state = tx.update(grads, tx.init(q), q)
+    >>> optax.apply_updates(q, updates)["Dense_0"]["kernel"].alpha.shape
+    (2, 2)
+
+  References:
+    Qu et al., `Adaptive Loss-aware Quantization for Multi-bit Networks
+    <https://arxiv.org/abs/1912.08883>`_, CVPR 2020, Eq. (14), (21), Alg. 4.
   """
-
-  def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.alpha)
-    return CoordinateState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros())
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("qjax.alq.coordinate needs params (the quantized tree) in update")
-    count = optax.safe_increment(state.count)
-    lr = _lr(learning_rate, state.count)
-
-    def quantized(q, g, mu, nu, nu_max):
-      mu, nu, nu_max = _moments(_alpha_grad(q, g), mu, nu, nu_max, b1, b2)
-      g_hat, h_hat = quadratic_model(mu, nu_max, count, lr, b1, b2, eps)
-      return _delta(q, q.alpha - g_hat / h_hat, q.B), mu, nu, nu_max
-
-    def other(p, g, mu, nu, nu_max):
-      return _float_step(g, mu, nu, nu_max, count, lr, b1, b2, eps)
-
-    out = map_quantized(quantized, other, params, grads, state.mu, state.nu, state.nu_max)
-    updates, mu, nu, nu_max = _unzip(params, out, 4)
-    return updates, CoordinateState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.chain(scale_by_loss_aware_amsgrad(learning_rate, b1, b2, eps, alpha_domain=True),
+                     alpha_step())
 
 
 def basis(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
           eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
-  """Optimizing the binary bases with speedup (Alg. 3, Eq. 17-23).
+  """Optimizing the binary bases with speedup (Alg. 3, Eq. (17)-(23)).
 
   AMSGrad moments of dl/dw_hat give the quadratic model (g_hat, H_hat) around w_hat = B alpha.
   With alpha fixed, each weight j picks B_j = argmin_b |w*_j - b^T alpha| over the 2^I_max sign
-  patterns, w* = w_hat - g_hat / H_hat (Eq. 17-20, exact since H_hat is diagonal); then
-  alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat) (Eq. 22-23) and alphas are made positive.
-  The bitwidth (mask) does not change.
+  patterns, w* = w_hat - g_hat / H_hat (Eq. (17)-(20), exact since H_hat is diagonal); then
+  alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat) (Eq. (22)-(23)) and alphas are made
+  positive. The bitwidth (mask) does not change.
+  `optax.chain(scale_by_loss_aware_amsgrad(...), basis_step())`.
 
   Args:
     learning_rate: float or optax schedule of the step count (paper: 1e-3, x0.8 per epoch).
     b1, b2, eps: AMSGrad constants.
 
   Returns:
-    A GradientTransformationExtraArgs (see `coordinate`).
+    A GradientTransformationExtraArgs (see `coordinate`); its moments are in the w domain.
+
+  References:
+    Qu et al., `Adaptive Loss-aware Quantization for Multi-bit Networks
+    <https://arxiv.org/abs/1912.08883>`_, CVPR 2020, Eq. (17)-(23), Alg. 3.
   """
-
-  def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.B[..., 0])
-    return BasisState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros())
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("qjax.alq.basis needs params (the quantized tree) in update")
-    count = optax.safe_increment(state.count)
-    lr = _lr(learning_rate, state.count)
-
-    def quantized(q, g, mu, nu, nu_max):
-      mu, nu, nu_max = _moments(group(g, q).astype(jnp.float32), mu, nu, nu_max, b1, b2)
-      g_hat, h_hat = quadratic_model(mu, nu_max, count, lr, b1, b2, eps)
-      alpha, B = refit(q, q.groups(), g_hat, h_hat)
-      return _delta(q, alpha, B), mu, nu, nu_max
-
-    def other(p, g, mu, nu, nu_max):
-      return _float_step(g, mu, nu, nu_max, count, lr, b1, b2, eps)
-
-    out = map_quantized(quantized, other, params, grads, state.mu, state.nu, state.nu_max)
-    updates, mu, nu, nu_max = _unzip(params, out, 4)
-    return updates, BasisState(count=count, mu=mu, nu=nu, nu_max=nu_max)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.chain(scale_by_loss_aware_amsgrad(learning_rate, b1, b2, eps), basis_step())
 
 
 def ste(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
         eps: float = 1e-8) -> optax.GradientTransformationExtraArgs:
-  """STE with loss-aware (Appendix B.4, Alg. 6, Eq. 31-37).
+  """STE with loss-aware (Appendix B.4, Alg. 6, Eq. (31)-(37)).
 
-  The state keeps full-precision shadow weights w (initialized to B alpha). The gradient of the
-  quantized weights is used for w (STE, Eq. 31); AMSGrad steps w <- w - g_hat / H_hat (Eq. 33);
-  then B_j = argmin_b |b^T alpha - w_j| (Eq. 35) and alpha = (B^T H_hat B)^{-1} B^T H_hat w
-  (Eq. 36, with the stepped w), alphas made positive.
+  Full-precision shadow weights w (initialized to B alpha) take the gradient of the quantized
+  weights (STE, Eq. (31)) and the AMSGrad step w <- w - g_hat / H_hat (Eq. (33)); then
+  B_j = argmin_b |b^T alpha - w_j| (Eq. (35)) and alpha = (B^T H_hat B)^{-1} B^T H_hat w
+  (Eq. (36), with the stepped w), alphas made positive.
+  `optax.chain(scale_by_loss_aware_amsgrad(...), ste_step())`.
 
   Args:
     learning_rate: float or optax schedule of the step count (paper: 1e-4, x0.98 per epoch).
     b1, b2, eps: AMSGrad constants.
 
   Returns:
-    A GradientTransformationExtraArgs (see `coordinate`).
+    A GradientTransformationExtraArgs (see `coordinate`); its state also holds a `SteState`.
+
+  References:
+    Qu et al., `Adaptive Loss-aware Quantization for Multi-bit Networks
+    <https://arxiv.org/abs/1912.08883>`_, CVPR 2020, Appendix B.4, Eq. (31)-(37), Alg. 6.
   """
-
-  def init_fn(params):
-    zeros = lambda: _zeros(params, lambda q: q.B[..., 0])
-    shadow = map_quantized(lambda q: q.groups(), lambda p: jnp.asarray(p), params)
-    return SteState(count=jnp.zeros([], jnp.int32), mu=zeros(), nu=zeros(), nu_max=zeros(),
-                    shadow=shadow)
-
-  def update_fn(grads, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError("qjax.alq.ste needs params (the quantized tree) in update")
-    count = optax.safe_increment(state.count)
-    lr = _lr(learning_rate, state.count)
-
-    def quantized(q, g, mu, nu, nu_max, w):
-      mu, nu, nu_max = _moments(group(g, q).astype(jnp.float32), mu, nu, nu_max, b1, b2)
-      g_hat, h_hat = quadratic_model(mu, nu_max, count, lr, b1, b2, eps)
-      alpha, B = refit(q, w, g_hat, h_hat)
-      return _delta(q, alpha, B), mu, nu, nu_max, w - g_hat / h_hat
-
-    def other(p, g, mu, nu, nu_max, w):
-      step, mu, nu, nu_max = _float_step(g, mu, nu, nu_max, count, lr, b1, b2, eps)
-      return step, mu, nu, nu_max, w + step
-
-    out = map_quantized(quantized, other, params, grads, state.mu, state.nu, state.nu_max,
-                        state.shadow)
-    updates, mu, nu, nu_max, shadow = _unzip(params, out, 5)
-    return updates, SteState(count=count, mu=mu, nu=nu, nu_max=nu_max, shadow=shadow)
-
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.chain(scale_by_loss_aware_amsgrad(learning_rate, b1, b2, eps), ste_step())
 
 
 def _unzip(params: PyTree, out: PyTree, k: int) -> tuple[PyTree, ...]:
