@@ -11,6 +11,7 @@ from typing import Callable
 import flax.linen as nn
 
 from qjax.models.cnn import MLP, BasicBlock, CifarResNet, LeNet5, ResNet18, VGGSmall
+from qjax.models.torchvision import TORCHVISION_MODELS, from_torchvision
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
@@ -19,6 +20,13 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet20": functools.partial(CifarResNet, blocks_per_stage=3),
     "resnet32": functools.partial(CifarResNet, blocks_per_stage=5),
     "resnet18": ResNet18,
+    "tv_alexnet": TORCHVISION_MODELS["tv_alexnet"],
+    "tv_vgg16": TORCHVISION_MODELS["tv_vgg16"],
+    "tv_vgg16_bn": TORCHVISION_MODELS["tv_vgg16_bn"],
+    "tv_resnet18": TORCHVISION_MODELS["tv_resnet18"],
+    "tv_resnet50": TORCHVISION_MODELS["tv_resnet50"],
+    "tv_googlenet": TORCHVISION_MODELS["tv_googlenet"],
+    "tv_efficientnet_b1": TORCHVISION_MODELS["tv_efficientnet_b1"],
 }
 
 
