@@ -482,7 +482,10 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int):
   outs = [v for eqn in eqns for v in eqn.outvars
           if not isinstance(v, jcore.DropVar) and last.get(v, -1) >= stop]
   effects = frozenset().union(*(eqn.effects for eqn in eqns))
-  sub = jcore.Jaxpr([], ins, outs, eqns, effects)
+  info = jcore.DebugInfo("qjax.driver segment", f"eqns {start}:{stop}",
+                         tuple(f"in{i}" for i in range(len(ins))),
+                         tuple(f"out{i}" for i in range(len(outs))))
+  sub = jcore.Jaxpr([], ins, outs, eqns, effects, info)
   fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, [])))
   program.segments[key] = (jaxpr, fn, ins, outs)
   return fn, ins, outs

@@ -1,4 +1,4 @@
-"""qjax._gpfq.network: the layer-by-layer driver (Alg. 1) on LeNet5 and small inline models."""
+"""qjax.gpfq / quantize_msq on the one-pass driver (Alg. 1): LeNet5 and small inline models."""
 import re
 
 import chex
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from qjax import alphabets
-from qjax import capture as cap
 from qjax import data as data_lib
 from qjax import models
+from qjax import program
 from qjax._gpfq import network
 
 # --------------------------------------------------------------------------------------------
@@ -40,6 +40,28 @@ def _in_levels(values, levels) -> bool:
   values, levels = np.asarray(values).ravel(), np.asarray(levels)
   return bool(np.all(np.min(np.abs(values[:, None] - levels[None, :]), axis=1)
                      <= 1e-6 * max(1.0, float(np.max(np.abs(levels))))))
+
+
+def _matrix(kernel):
+  """A Flax kernel as the GPFQ matrix: Dense as is, conv HWIO -> (Cin*kh*kw, Cout)."""
+  kernel = np.asarray(kernel)
+  if kernel.ndim == 2:
+    return kernel
+  return np.moveaxis(kernel, -2, 0).reshape(-1, kernel.shape[-1])
+
+
+def _layer_inputs(model, variables, x, **kwargs):
+  """{module path: input of its __call__} from the model's own calls (independent of qjax)."""
+  seen = {}
+
+  def record(next_fun, args, kw, context):
+    if context.method_name == "__call__" and context.module.has_variable("params", "kernel"):
+      seen.setdefault("/".join(context.module.path), args[0])
+    return next_fun(*args, **kw)
+
+  with nn.intercept_methods(record):
+    model.apply(variables, x, **kwargs)
+  return seen
 
 
 def _kernel(tree, path):
@@ -76,7 +98,7 @@ def test_lenet_kernels_in_alphabet_and_structure_kept(lenet, lenet_q4):
   assert [r.path for r in report.layers] == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
   for r in report.layers:
     W = _kernel(variables["params"], r.path)
-    levels = alphabets.levels_for(cap.kernel_to_matrix(W), 4, network.DEFAULT_C["paper"])
+    levels = alphabets.levels_for(_matrix(W), 4, network.DEFAULT_C["paper"])
     assert r.status == "quantized" and r.bits == 4
     assert _in_levels(_kernel(q_vars["params"], r.path), levels), r.path
     assert 0 <= r.error < r.msq_error, r  # greedy path following beats rounding on X~
@@ -106,7 +128,7 @@ def test_lenet_ternary_reference_rule_bits_dict_skip(lenet):
   assert status == {"Conv_0": ("quantized", 1), "Conv_1": ("quantized", 1),
                     "Dense_0": ("quantized", 4), "Dense_1": ("float", None)}
   for path in ("Conv_0", "Conv_1", "Dense_0"):
-    W = cap.kernel_to_matrix(_kernel(variables["params"], path))
+    W = _matrix(_kernel(variables["params"], path))
     levels = alphabets.levels_for(W, status[path][1], 0.9, "reference")
     assert _in_levels(_kernel(q_vars, path), levels), path
   for path in ("Conv_0", "Conv_1"):  # ternary
@@ -119,7 +141,7 @@ def test_lenet_msq_baseline_is_rounding(lenet):
   q_vars, report = network.quantize_msq(variables, model.apply, batch, bits=4, progress=False)
   for r in report.layers:
     W = _kernel(variables["params"], r.path)
-    levels = alphabets.levels_for(cap.kernel_to_matrix(W), 4, network.DEFAULT_C["paper"])
+    levels = alphabets.levels_for(_matrix(W), 4, network.DEFAULT_C["paper"])
     chex.assert_trees_all_equal(_kernel(q_vars["params"], r.path), alphabets.msq(W, levels))
     assert r.error == pytest.approx(r.msq_error)
 
@@ -156,21 +178,26 @@ def convnet():
 def test_first_layers_match_numpy_reference(convnet):
   model, variables, x = convnet
   key = jax.random.key(3)
-  q_vars, _ = network.gpfq(variables, model.apply, x, bits=2, key=key,
-                           apply_kwargs={"train": False}, progress=False)
-  _, calls = cap.capture(model.apply, variables, x, train=False)
-  # Conv_0 (grouped): X = X~ = sampled patches, one problem per group.
-  X = cap.layer_rows(calls[0], x, key=jax.random.fold_in(key, 0), patch_p=0.25)
-  W = cap.kernel_to_matrix(variables["params"]["Conv_0"]["kernel"])
+  q_vars, report = network.gpfq(variables, model.apply, x, bits=2, key=key,
+                                apply_kwargs={"train": False}, progress=False)
+  assert report.forward_passes == 2  # one float and one quantized pass, whatever the depth
+  # Conv_0 (grouped): X = X~ = disjoint 3x3 patches of x ('SAME': one zero row/column of
+  # border), a sampled quarter of the 4 positions per image, one problem per group.
+  xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
+  patches = np.stack([xp[:, 3 * i:3 * i + 3, 3 * j:3 * j + 3, :].transpose(0, 3, 1, 2)
+                      .reshape(x.shape[0], -1) for i in range(2) for j in range(2)], axis=1)
+  idx = np.asarray(program.sample_patch_indices(jax.random.fold_in(key, 0), x.shape[0], 4,
+                                                0.25))
+  X = np.take_along_axis(patches, idx[:, :, None], axis=1).reshape(-1, patches.shape[-1])
+  W = _matrix(variables["params"]["Conv_0"]["kernel"])  # (1*3*3, 4): 2 groups of 1 channel
   levels = alphabets.levels_for(W, 2, network.DEFAULT_C["paper"])
-  expected = np.concatenate([_np_gpfq(W[:, c], X[:, r], X[:, r], levels)
-                             for r, c in cap.group_slices(W.shape[0], W.shape[1], 2)], axis=1)
-  chex.assert_trees_all_close(cap.kernel_to_matrix(q_vars["params"]["Conv_0"]["kernel"]),
+  expected = np.concatenate([_np_gpfq(W[:, 2 * g:2 * g + 2], X[:, 9 * g:9 * g + 9],
+                                      X[:, 9 * g:9 * g + 9], levels) for g in range(2)], axis=1)
+  chex.assert_trees_all_close(_matrix(q_vars["params"]["Conv_0"]["kernel"]),
                               expected.astype(np.float32), atol=1e-6)
   # Dense_0 (leading axes): X from the float net, X~ from the net with Conv_0 quantized.
-  _, calls_q = cap.capture(model.apply, q_vars, x, train=False)
-  Xf = cap.layer_rows(calls[1], calls[1].inputs)
-  Xq = cap.layer_rows(calls[1], calls_q[1].inputs)
+  Xf = _layer_inputs(model, variables, x, train=False)["Dense_0"].reshape(-1, 4)
+  Xq = _layer_inputs(model, q_vars, x, train=False)["Dense_0"].reshape(-1, 4)
   W = variables["params"]["Dense_0"]["kernel"]
   expected = _np_gpfq(W, Xf, Xq, alphabets.levels_for(W, 2, network.DEFAULT_C["paper"]))
   chex.assert_trees_all_close(q_vars["params"]["Dense_0"]["kernel"],
@@ -192,13 +219,13 @@ def test_batchnorm_kept_last_layer_float_and_bias_correction(convnet):
 
 
 def test_top_level_conv_with_bias_correction():
-  # The module is the model itself (path ''), and the last layer is a conv.
+  # The module is the model itself (its kernel is named "kernel"), and the last layer is a conv.
   model = nn.Conv(3, (2, 2), strides=2, padding="VALID")
   x = jax.random.normal(jax.random.key(0), (10, 4, 4, 2))
   variables = model.init(jax.random.key(1), x)
   q_vars, report = network.gpfq(variables, model.apply, x, bits=2, bias_correction=True,
                                 patch_p=1.0, progress=False)
-  assert [(r.path, r.status) for r in report.layers] == [("", "quantized")]
+  assert [(r.path, r.status) for r in report.layers] == [("kernel", "quantized")]  # rules.path_name
   err = model.apply(q_vars, x) - model.apply(variables, x)
   chex.assert_trees_all_close(jnp.mean(err, axis=(0, 1, 2)), jnp.zeros(3), atol=1e-5)
 
@@ -254,45 +281,62 @@ def test_batch_shape_mismatch_explained(mlp):
     network.gpfq(variables, model.apply, jnp.ones((6, 5, 5, 1)), progress=False)
 
 
-def test_jitted_apply_fn_rejected(mlp):
+def test_jitted_apply_fn_gives_the_same_q(mlp):
   model, variables, x = mlp
-  with pytest.raises(ValueError, match="jit"):
-    network.gpfq(variables, jax.jit(model.apply), x, progress=False)
+  ref, ref_report = network.gpfq(variables, model.apply, x, bits=3, progress=False)
+  got, report = network.gpfq(variables, jax.jit(model.apply), x, bits=3, progress=False)
+  chex.assert_trees_all_equal(got, ref)
+  assert [r.path for r in report.layers] == [r.path for r in ref_report.layers]
 
 
-def test_no_dense_or_conv_found():
+def test_no_parameter_used_or_no_weight_op():
+  x = jnp.ones((5, 4))
+  with pytest.raises(ValueError, match="does not depend on any parameter"):
+    network.gpfq({"params": {"w": jnp.ones((4, 3))}}, lambda v, b: jnp.tanh(b), x,
+                 progress=False)
+  with pytest.raises(ValueError, match=r"no weight op.*scale \(mul\)"):
+    network.gpfq({"scale": jnp.ones((4,))}, lambda p, b: b * p["scale"][None, :], x, progress=False)
+
+
+def test_einsum_only_model_is_quantized():
   class OnlyEinsum(nn.Module):
     @nn.compact
     def __call__(self, x):
       return nn.Einsum((4, 3), "bi,ij->bj")(x)
 
   model = OnlyEinsum()
-  x = jnp.ones((5, 4))
+  x = jax.random.normal(jax.random.key(0), (5, 4))
   variables = model.init(jax.random.key(0), x)
-  with pytest.raises(ValueError, match=r"no nn.Dense or nn.Conv.*Einsum_0 \(Einsum\)"):
-    network.gpfq(variables, model.apply, x, progress=False)
-  with pytest.raises(ValueError, match="no nn.Dense or nn.Conv"):
-    network.gpfq({"params": {}}, lambda v, b: jnp.tanh(b), x, progress=False)
+  q_vars, report = network.gpfq(variables, model.apply, x, bits=2, progress=False)
+  assert [(r.path, r.status) for r in report.layers] == [("Einsum_0", "quantized")]
+  W = variables["params"]["Einsum_0"]["kernel"]
+  expected = _np_gpfq(W, x, x, alphabets.levels_for(W, 2, network.DEFAULT_C["paper"]))
+  chex.assert_trees_all_close(q_vars["params"]["Einsum_0"]["kernel"],
+                              expected.astype(np.float32), atol=1e-6)
 
 
-class _WithDenseGeneral(nn.Module):
+class _WithLoop(nn.Module):
   @nn.compact
   def __call__(self, x):
-    x = nn.relu(nn.Dense(6)(x))
-    return nn.DenseGeneral(3)(x)
+    x = nn.relu(nn.Dense(5)(x))
+    w = self.param("loop_w", nn.initializers.normal(0.3), (5, 5))
+    _, h = jax.lax.while_loop(lambda c: c[0] < 2, lambda c: (c[0] + 1, jnp.tanh(c[1] @ w)),
+                              (0, x))
+    return h
 
 
 def test_unsupported_layer_warns_and_stays_float():
-  model = _WithDenseGeneral()
+  model = _WithLoop()
   x = jax.random.normal(jax.random.key(0), (8, 5))
   variables = model.init(jax.random.key(1), x)
-  with pytest.warns(network.UnsupportedLayerWarning, match="DenseGeneral_0"):
+  with pytest.warns(network.UnsupportedLayerWarning, match="loop_w.*while"):
     q_vars, report = network.gpfq(variables, model.apply, x, bits=3, progress=False)
-  assert [r.status for r in report.layers] == ["quantized", "unsupported"]
-  chex.assert_trees_all_equal(q_vars["params"]["DenseGeneral_0"],
-                              variables["params"]["DenseGeneral_0"])
+  assert [(r.path, r.status) for r in report.layers] == [("Dense_0", "quantized"),
+                                                         ("loop_w", "unsupported")]
+  assert "while" in report.layers[1].reason and "while" in str(report)
+  chex.assert_trees_all_equal(q_vars["params"]["loop_w"], variables["params"]["loop_w"])
   # Skipping it explicitly silences the warning (warnings are errors in this test suite).
-  network.gpfq(variables, model.apply, x, bits=3, skip="DenseGeneral", progress=False)
+  network.gpfq(variables, model.apply, x, bits=3, skip="loop_w", progress=False)
 
 
 @pytest.mark.slow
