@@ -11,6 +11,8 @@ from typing import Callable
 import flax.linen as nn
 
 from qjax.models.cnn import MLP, BasicBlock, CifarResNet, LeNet5, ResNet18, VGGSmall
+from qjax.models.bert import BertConfig, BertEncoder  # text models: not in MODELS
+from qjax.models.bytelm import ByteLM
 from qjax.models.torchvision import TORCHVISION_MODELS, from_torchvision
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -39,3 +41,4 @@ def get_model(name: str, num_classes: int = 10, **kwargs) -> nn.Module:
 
 __all__ = ["MODELS", "get_model", "MLP", "LeNet5", "VGGSmall", "BasicBlock", "CifarResNet",
            "ResNet18"]
+__all__ += ["BertConfig", "BertEncoder", "ByteLM"]

@@ -1,0 +1,89 @@
+"""The byte-level LM: causality, tied/untied heads, training on the corpus, caching, bits/byte."""
+from __future__ import annotations
+
+import math
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from qjax import text
+from qjax.models.bytelm import ByteLM
+
+TINY = dict(num_layers=2, dim=32, num_heads=2, mlp_ratio=2, max_len=16)
+
+
+class ByteLMTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_output_at_t_ignores_inputs_after_t(self):
+    model = ByteLM(**TINY)
+    x = jax.random.randint(jax.random.key(0), (2, 16), 0, 256, jnp.int32)
+    params = model.init(jax.random.key(1), x)["params"]
+    fn = self.variant(lambda p, x: model.apply({"params": p}, x))
+    base = fn(params, x)
+    self.assertEqual(base.shape, (2, 16, 256))
+    self.assertEqual(base.dtype, jnp.float32)
+    for t in (0, 7, 14):
+      changed = x.at[:, t + 1:].set((x[:, t + 1:] + 1) % 256)
+      out = fn(params, changed)
+      chex.assert_trees_all_close(out[:, :t + 1], base[:, :t + 1], atol=1e-5)
+      assert float(jnp.abs(out[:, t + 1:] - base[:, t + 1:]).max()) > 1e-4  # later ones move
+
+  def test_tied_and_untied_heads(self):
+    x = jnp.zeros((1, 8), jnp.int32)
+    tied = ByteLM(**TINY, tied_embeddings=True).init(jax.random.key(0), x)["params"]
+    untied = ByteLM(**TINY, tied_embeddings=False).init(jax.random.key(0), x)["params"]
+    assert "head" not in tied and untied["head"]["kernel"].shape == (32, 256)
+    n = lambda p: sum(v.size for v in jax.tree_util.tree_leaves(p))  # noqa: E731
+    assert n(untied) - n(tied) == 32 * 256 + 256
+
+  def test_bad_inputs(self):
+    model = ByteLM(**TINY)
+    with pytest.raises(ValueError, match="exceeds max_len 16"):
+      model.init(jax.random.key(0), jnp.zeros((1, 17), jnp.int32))
+    with pytest.raises(ValueError, match="must be int"):
+      model.init(jax.random.key(0), jnp.zeros((17,), jnp.int32))
+
+
+def _tiny_config(steps: int) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(TINY, seq_len=16, batch_size=8, steps=steps,
+                                        learning_rate=3e-3, warmup_steps=5))
+
+
+def test_training_reduces_loss_and_caches(tmp_path):
+  lm = text.train_bytelm(_tiny_config(30), str(tmp_path))
+  assert len(lm.losses) == 30 and all(np.isfinite(lm.losses))
+  assert np.mean(lm.losses[-5:]) < np.mean(lm.losses[:5]) - 1.0  # nats per byte
+  cached = list(tmp_path.glob("bytelm_*.msgpack"))
+  assert len(cached) == 1
+  again = text.train_bytelm(_tiny_config(30), str(tmp_path))
+  assert again.losses == [] and again.seconds == 0.0
+  chex.assert_trees_all_equal(again.params, lm.params)
+  # Another recipe, another file.
+  assert (text.bytelm_config_hash(lm.config)
+          != text.bytelm_config_hash(ml_collections.ConfigDict({**lm.config.to_dict(), "steps": 2})))
+
+
+def test_bits_per_byte_of_the_model_against_numpy():
+  model = ByteLM(**TINY)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"]
+  apply_fn = lambda p, x: model.apply({"params": p}, x)  # noqa: E731
+  data = text.load_corpus().bytes("test")[:16 * 5 + 1]
+  x, y = text.eval_windows(data, 16)
+  got = text.evaluate_bits_per_byte(apply_fn, params, x, y, batch_size=2)
+  logits = np.asarray(apply_fn(params, jnp.asarray(x)), np.float64)
+  m = logits.max(-1, keepdims=True)
+  logp = logits - m - np.log(np.exp(logits - m).sum(-1, keepdims=True))
+  want = -np.mean(np.take_along_axis(logp, y[..., None], -1)) / math.log(2)
+  assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_config_errors():
+  with pytest.raises(ValueError, match=r"unknown keys \['layers'\]"):
+    text.train_bytelm(ml_collections.ConfigDict({"layers": 2}))
+  with pytest.raises(ValueError, match="seq_len"):
+    text.train_bytelm(ml_collections.ConfigDict({"seq_len": 64, "max_len": 32}))
