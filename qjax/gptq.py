@@ -1,0 +1,262 @@
+"""GPTQ for one layer (Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", ICLR 2023), on any grid of `qjax.grids`.
+
+Objective (Eq. 1): min over Q on the grid of ||X W - X Q||_F^2 for the layer's inputs X (m, N0)
+in the partly quantized network, through H = X^T X (N0, N0). W is in Flax layout (N0 inputs, N1
+neurons): one input row t is quantized at a time for all neurons, and the rows still to come
+absorb its error (the OBS update, Eq. 2-3, in the Cholesky form of Sec. 3, Step 3):
+
+  dead inputs (H[t, t] = 0): H[t, t] = 1 and W[t] = 0
+  H <- H + damp * mean(diag H) I                          (damping, 1% by default)
+  U = upper Cholesky factor of H^-1 (H^-1 = U^T U)
+  for t = 0 .. N0-1:   q_t = round(w_t) on the grid of (group of t, neuron)
+                       e_t = (w_t - q_t) / U[t, t]
+                       w_j -= U[t, j] e_t   for every j > t   (all neurons at once)
+
+Lazy batch updates (Sec. 3, Step 2): the update of rows j > t is applied inside a block of B
+inputs at once per column, and to the rows after the block once per block as one GEMM with the
+block's errors. The loops are `lax.scan`s over blocks and over the columns of a block, so the
+program size does not grow with N0 (compile time stays flat).
+
+Options (as in the reference code):
+* act_order: inputs in order of decreasing diag(H) (permute W and H, un-permute Q).
+* Group grids (`qjax.grids.GridSpec(..., "group", g)`): without static groups, the scale of a
+  group is fitted when the loop reaches its first input, from the weights as updated by every
+  earlier input. (The reference code fits on its lazily updated copy, which misses the updates
+  from earlier inputs of the same block when a group starts mid-block; here the block size is
+  aligned to the groups instead, so both agree whenever groups start on block boundaries, e.g.
+  g = B = 128, and Q does not depend on the block size.) `static_groups=True` fits every
+  group's scale from W before the loop. With act_order the groups must be static: dynamic
+  groups would follow the permuted order, and Q would not lie on a grid of consecutive inputs.
+* A fitted `qjax.grids.Grid` is used as given (its scales are static by construction); a 1-D
+  alphabet (as `qjax.gpfq_layer` takes) rounds to the nearest level (Eq. 5 of the GPFQ paper).
+
+Where this differs from the reference code: the grid of a GridSpec is fitted on W after the dead
+inputs are zeroed (their rows become 0 in Q anyway); U is computed as the reversed Cholesky
+factor of H (one Cholesky and one triangular inverse) instead of Cholesky, inverse, Cholesky.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qjax import alphabets
+from qjax import grids as grids_lib
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _tmm(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a^T @ b at full float32 precision without materialising the transpose."""
+  return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST)
+
+
+def inverse_cholesky_upper(H: jax.Array) -> jax.Array:
+  """Upper triangular U with H^-1 = U^T U, for symmetric positive definite H.
+
+  With P the reversal permutation and L = chol(P H P) (lower), H = V V^T for the upper V = P L P,
+  so H^-1 = V^-T V^-1 and U = V^-1 = P L^-1 P.
+  """
+  L = jnp.linalg.cholesky(H[::-1, ::-1])
+  eye = jnp.eye(H.shape[0], dtype=H.dtype)
+  Linv = jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
+  return Linv[::-1, ::-1]
+
+
+def _block_size(N0: int, block_size: int, group: int | None) -> tuple[int, int]:
+  """(B, padded N0): B <= block_size, aligned so that a dynamic group starts either on a block
+  boundary (g a multiple of B) or lies inside one block (B a multiple of g)."""
+  B = min(block_size, N0)
+  step = B
+  if group is not None and group < N0:
+    if group <= B:
+      B = (B // group) * group
+      step = B
+    else:
+      B = max(d for d in range(1, B + 1) if group % d == 0)
+      step = group
+  n = -(-N0 // step) * step
+  return B, n
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "spec", "maxq", "block_size", "act_order",
+                                             "dynamic"))
+def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, maxq: int,
+          block_size: int, act_order: bool, dynamic: bool):
+  """The whole layer: dead inputs, grid fit, act-order, damping, U, the blocked loop.
+
+  Returns (Q (N0, N1) in input order, scale (G, N1), zero (G, N1), finite: U has no NaN).
+  """
+  N0, N1 = W.shape
+  d = jnp.diagonal(H)
+  dead = d == 0
+  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(H.dtype))
+  W = jnp.where(dead[:, None], jnp.zeros_like(W), W)
+  group = spec.group_size if spec is not None else None
+  if mode == "spec" and not dynamic:  # fit on W with dead inputs zeroed, before the loop
+    g = grids_lib.fit(W, spec)
+    scale, zero = g.scale, g.zero
+  if act_order:
+    perm = jnp.argsort(-jnp.diagonal(H), stable=True)
+    W, H, group_of_row = W[perm], H[perm][:, perm], group_of_row[perm]
+  H = H + damp * jnp.mean(jnp.diagonal(H)) * jnp.eye(N0, dtype=H.dtype)
+  U = inverse_cholesky_upper(H)
+  finite = jnp.all(jnp.isfinite(U))
+
+  B, n = _block_size(N0, block_size, group if dynamic else None)
+  Wp = jnp.pad(W, ((0, n - N0), (0, 0)))
+  Up = jnp.eye(n, dtype=U.dtype).at[:N0, :N0].set(U)  # padded inputs: independent, dropped
+  rows = jnp.pad(group_of_row, (0, n - N0), mode="edge")
+
+  def round_row(w, s, z):
+    if mode == "levels":
+      return alphabets.msq(w, levels)
+    return grids_lib.round_to(w, s, z, maxq)
+
+  def block(carry, k):
+    Wc, scale, zero = carry
+    s0 = k * B
+    W1 = jax.lax.dynamic_slice_in_dim(Wc, s0, B)
+    U1 = jax.lax.dynamic_slice(Up, (s0, s0), (B, B))
+
+    def column(c, i):
+      W1, Err, scale, zero = c
+      t = s0 + i
+      if dynamic:
+        g = group
+        valid = (t + jnp.arange(g) < N0)[:, None]
+        # Rows t..t+g-1 with every earlier input's update: inside this block (B a multiple of
+        # g) or, for g > B, at a block start where the lazily updated Wc is current.
+        src = (lambda: jax.lax.dynamic_slice_in_dim(W1, i, g)) if g <= B else (
+            lambda: jax.lax.dynamic_slice_in_dim(Wc, s0, g))
+
+        def refit(sz):
+          sc, zr = sz
+          s_new, z_new = grids_lib.fit_groups(src()[None], spec, valid[None])
+          return sc.at[t // g].set(s_new[0]), zr.at[t // g].set(z_new[0])
+
+        scale, zero = jax.lax.cond((t % g == 0) & (t < N0), refit, lambda sz: sz, (scale, zero))
+      r = rows[t]
+      w = W1[i]
+      q = round_row(w, scale[r], zero[r])
+      err = (w - q) / U1[i, i]
+      W1 = W1 - U1[i][:, None] * err[None, :]
+      return (W1, Err.at[i].set(err), scale, zero), q
+
+    (_, Err, scale, zero), Q1 = jax.lax.scan(column, (W1, jnp.zeros_like(W1), scale, zero),
+                                             jnp.arange(B))
+    # Lazy update of every later row with the block's errors (rows before the block see
+    # U[block, j] = 0; this block's own rows are already quantized).
+    Wc = Wc - _tmm(jax.lax.dynamic_slice_in_dim(Up, s0, B), Err)
+    return (Wc, scale, zero), Q1
+
+  (_, scale, zero), Q = jax.lax.scan(block, (Wp, scale, zero), jnp.arange(n // B))
+  Q = Q.reshape(n, N1)[:N0]
+  if act_order:
+    Q = jnp.zeros_like(Q).at[perm].set(Q)
+  return Q, scale, zero, finite
+
+
+def _all_finite(a: Any) -> bool:
+  if isinstance(a, jax.core.Tracer):
+    return True
+  with jax.ensure_compile_time_eval():
+    return bool(jnp.isfinite(jnp.asarray(a)).all())
+
+
+def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float = 0.01,
+               act_order: bool = False, static_groups: bool = False,
+               return_grid: bool = False, dtype: Any = jnp.float32):
+  """Quantize one layer with GPTQ (Frantar et al., ICLR 2023), all neurons at once.
+
+  Args:
+    W: float kernel (N0, N1), Flax layout (rows = inputs, columns = neurons).
+    H: (N0, N0) Hessian proxy X^T X of the layer's (partly quantized network's) inputs; any
+      positive scale (the reference's 2/m does not change Q: damping is relative).
+    grid: a `qjax.grids.GridSpec` (fitted here, see the module docstring for groups), a fitted
+      `qjax.grids.Grid` (used as is), or a 1-D alphabet (nearest level).
+    block_size: inputs per lazy block (Q is the same for every value up to float rounding order;
+      aligned to dynamic groups).
+    damp: the fraction of mean(diag H) added to the diagonal, >= 0.
+    act_order: process inputs by decreasing diag(H).
+    static_groups: fit every group's scale from W before the loop (required with act_order on
+      group grids given as a GridSpec).
+    return_grid: also return the grid Q lies on (a Grid; None for a 1-D alphabet).
+    dtype: compute dtype (float32).
+
+  Returns:
+    Q with the shape and dtype of W, every entry on the grid; with return_grid, (Q, grid).
+
+  Raises:
+    ValueError / TypeError naming the argument: W not 2-D or with NaN/Inf, H not (N0, N0) or
+    with NaN/Inf, a grid that does not fit W, a bad alphabet, damp < 0, block_size <= 0,
+    act_order with dynamic groups, H not positive definite after damping.
+  """
+  W = jnp.asarray(W)
+  if W.ndim != 2 or W.size == 0:
+    raise ValueError(f"W must be a non-empty 2-D (N0, N1) array, got shape {W.shape}")
+  N0, N1 = W.shape
+  H = jnp.asarray(H)
+  if H.shape != (N0, N0):
+    raise ValueError(f"H must have shape (N0, N0) = ({N0}, {N0}) to match W, got {H.shape}")
+  if not _all_finite(W):
+    raise ValueError("W contains NaN or Inf")
+  if not _all_finite(H):
+    raise ValueError("H contains NaN or Inf")
+  if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
+      block_size < 1):
+    raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+  if not isinstance(damp, jax.core.Tracer) and not (np.isfinite(damp) and damp >= 0):
+    raise ValueError(f"damp must be finite and >= 0, got {damp}")
+  dynamic = False
+  G = 1
+  levels = jnp.zeros((1,), dtype)
+  spec = None
+  if isinstance(grid, grids_lib.GridSpec):
+    mode, spec, maxq = "spec", grid, grid.maxq
+    G = grid.num_groups(N0)
+    # One group (g >= N0) is fitted at t = 0, before any update: the same as static.
+    dynamic = grid.group_size is not None and grid.group_size < N0 and not static_groups
+    if dynamic and act_order:
+      raise ValueError("act_order with a group grid needs static_groups=True: dynamic groups "
+                       "would follow the permuted order, so Q would not lie on a grid of "
+                       "consecutive inputs")
+    scale = zero = jnp.zeros((G, N1), jnp.float32)
+    group_of_row = jnp.asarray(np.arange(N0) // (grid.group_size or N0), jnp.int32)
+  elif isinstance(grid, grids_lib.Grid):
+    grid.check_fits(W.shape)
+    mode, maxq = "grid", grid.maxq
+    scale, zero = grid.scale, grid.zero
+    if not _all_finite(scale):
+      raise ValueError("grid.scale contains NaN or Inf")
+    group_of_row = jnp.asarray(grid.group_index(N0))
+  else:
+    levels = jnp.asarray(grid, dtype)
+    if levels.ndim != 1 or levels.shape[0] == 0:
+      raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a non-empty 1-D "
+                      f"alphabet, got shape {levels.shape}")
+    if not _all_finite(levels):
+      raise ValueError("grid (alphabet) contains NaN or Inf")
+    levels = jnp.sort(levels)
+    mode, maxq = "levels", 0
+    scale = zero = jnp.zeros((1, N1), jnp.float32)
+    group_of_row = jnp.zeros((N0,), jnp.int32)
+  Q, scale, zero, finite = _gptq(
+      W.astype(dtype), H.astype(dtype), scale, zero, group_of_row, levels,
+      jnp.asarray(damp, dtype), mode=mode, spec=spec, maxq=maxq, block_size=int(block_size),
+      act_order=bool(act_order), dynamic=dynamic)
+  if not isinstance(finite, jax.core.Tracer) and not bool(finite):
+    raise ValueError("H is not positive definite after damping (Cholesky failed); raise damp")
+  Q = Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
+  if not return_grid:
+    return Q
+  if mode == "levels":
+    return Q, None
+  if mode == "grid":
+    return Q, grid
+  return Q, grids_lib.Grid(scale, zero, bits=spec.bits, symmetric=spec.symmetric,
+                           group_size=spec.group_size, per_tensor=spec.granularity == "tensor")

@@ -1,0 +1,165 @@
+"""Uniform integer grids (qjax.grids): fits, rounding onto the grid, codes, rounders, errors."""
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from qjax import grids
+
+
+def _kernel(seed=0, shape=(37, 5)):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  # Columns with different ranges and a positive shift, so min-max differs from max|w|.
+  cols = (1,) * (len(shape) - 1) + (shape[-1],)
+  return (jax.random.normal(k1, shape, jnp.float32) * jnp.linspace(0.1, 2.0, shape[-1]).reshape(cols)
+          + 0.3 * jax.random.uniform(k2, cols))
+
+
+def _np_fit(M, bits, symmetric):
+  """Min-max / max|w| scale and zero of one group (rows of M), NumPy float32."""
+  M = np.asarray(M, np.float32)
+  lo = np.minimum(M.min(0), np.float32(0))
+  hi = np.maximum(M.max(0), np.float32(0))
+  maxq = 2**bits - 1
+  if symmetric:
+    a = np.maximum(-lo, hi)
+    if bits == 1:
+      return np.float32(2) * a, np.full_like(a, 0.5)
+    return a * np.float32(1 / (2 ** (bits - 1) - 1)), np.full_like(a, 2 ** (bits - 1))
+  scale = (hi - lo) * np.float32(1 / maxq)
+  safe = np.where(scale > 0, scale, np.float32(1))
+  zero = np.where(scale > 0, np.clip(np.round(-lo / safe), 0, maxq), 0).astype(np.float32)
+  return scale, zero
+
+
+GRANULARITIES = (("tensor", None), ("channel", None), ("group", 8), ("group", 37),
+                 ("group", 50))
+
+
+class GridTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      *[dict(gran=gran, symmetric=sym, bits=bits, method="max")
+        for gran in GRANULARITIES for sym in (True, False) for bits in (1, 3, 8)],
+      *[dict(gran=gran, symmetric=sym, bits=4, method="mse")
+        for gran in (("tensor", None), ("group", 8)) for sym in (True, False)])
+  def test_rounded_weights_lie_on_their_grid(self, gran, symmetric, bits, method):
+    granularity, g = gran
+    W = _kernel(bits)  # N0 = 37: g = 8 leaves a short last group of 5 rows
+    spec = grids.GridSpec(bits, granularity, g, symmetric=symmetric, method=method)
+    grid = grids.fit(W, spec)
+    G = 1 if g is None else -(-37 // g)
+    chex.assert_shape((grid.scale, grid.zero), (G, 5))
+    chex.assert_type((grid.scale, grid.zero), jnp.float32)
+    R = np.asarray(grid.round(W))
+    levels = np.asarray(grid.levels())  # (G, N1, 2^b)
+    chex.assert_shape(levels, (G, 5, 2**bits))
+    group = grid.group_index(37)
+    for t in range(37):
+      for j in range(5):
+        assert R[t, j] in levels[group[t], j], (t, j, R[t, j])
+    # Nearest level: no level of its grid is closer to w than the rounded value.
+    dist = np.abs(np.asarray(W)[:, :, None] - levels[group])
+    np.testing.assert_allclose(np.abs(np.asarray(W) - R), dist.min(-1), rtol=0, atol=1e-6)
+    codes = np.asarray(grid.codes(W))
+    assert codes.dtype == np.int32 and codes.min() >= 0 and codes.max() <= 2**bits - 1
+    np.testing.assert_array_equal(grid.dequant(codes), R)
+    if granularity == "tensor":
+      assert np.all(np.asarray(grid.scale) == np.asarray(grid.scale)[0, 0])
+    if not (symmetric and bits == 1):
+      assert np.all(np.any(levels == 0, axis=-1))  # 0 is a level of every grid
+
+  @parameterized.product(symmetric=(True, False), bits=(1, 2, 4, 8))
+  def test_max_fit_matches_numpy_per_group(self, symmetric, bits):
+    W = np.asarray(_kernel(3, (29, 4)))
+    grid = grids.fit(W, bits=bits, granularity="group", group_size=6, symmetric=symmetric)
+    for k, start in enumerate(range(0, 29, 6)):  # the last group has 5 rows
+      s, z = _np_fit(W[start:start + 6], bits, symmetric)
+      np.testing.assert_array_equal(grid.scale[k], s)
+      np.testing.assert_array_equal(grid.zero[k], z)
+    if symmetric and bits > 1:  # +-max|w| are levels (up to the rounding of scale * k)
+      a = np.abs(W[:6]).max(0)
+      np.testing.assert_allclose(grid.scale[0] * (2 ** (bits - 1) - 1), a, rtol=1e-6)
+
+  @parameterized.parameters(2, 3, 4)
+  def test_mse_search_never_worse_than_max(self, bits):
+    W = _kernel(4, (64, 6)).at[3, 2].set(6.0)  # an outlier makes clipping pay off
+    err = lambda g: np.sum(np.abs(np.asarray(g.round(W) - W)) ** 2.4, axis=0)
+    e_max = err(grids.fit(W, bits=bits, method="max"))
+    e_mse = err(grids.fit(W, bits=bits, method="mse"))
+    assert np.all(e_mse <= e_max * (1 + 1e-6))
+    if bits >= 3:
+      assert e_mse[2] < e_max[2]
+
+  def test_conv_kernel_via_its_matrix(self):
+    K = _kernel(5, (3, 3, 4, 6))
+    grid = grids.fit(K, bits=4, granularity="group", group_size=8, symmetric=False)
+    chex.assert_shape(grid.scale, (-(-36 // 8), 6))
+    R = grid.round(K)
+    chex.assert_shape(R, K.shape)
+    np.testing.assert_array_equal(R.reshape(36, 6), grid.round(K.reshape(36, 6)))
+
+  def test_all_zero_group_rounds_to_zero(self):
+    W = jnp.zeros((10, 3)).at[:, 1].set(1.0)
+    for symmetric in (True, False):
+      for bits in (1, 4):
+        grid = grids.fit(W, bits=bits, symmetric=symmetric)
+        np.testing.assert_array_equal(grid.round(W)[:, 0], 0.0)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_grid_is_a_pytree_under_jit(self):
+    W = _kernel(6)
+    grid = grids.fit(W, bits=3, granularity="group", group_size=8)
+    np.testing.assert_array_equal(self.variant(lambda g, w: g.round(w))(grid, W), grid.round(W))
+    fitted = self.variant(lambda w: grids.fit(w, grids.GridSpec(3, "group", 8)).scale)(W)
+    np.testing.assert_array_equal(fitted, grid.scale)
+
+  def test_rounder_rounds_row_t_on_its_group(self):
+    W = _kernel(7)
+    grid = grids.fit(W, bits=3, granularity="group", group_size=8, symmetric=False)
+    rounder = grid.rounder(37)
+    np.testing.assert_array_equal(rounder.round(W), grid.round(W))
+    rows = jax.vmap(rounder.round_row)(W, jnp.arange(37))
+    np.testing.assert_array_equal(rows, grid.round(W))
+
+  def test_errors_name_the_argument(self):
+    W = _kernel()
+    for bits in (0, 9):
+      with pytest.raises(ValueError, match="bits must be in 1..8"):
+        grids.GridSpec(bits)
+    with pytest.raises(TypeError, match="bits"):
+      grids.GridSpec(4.0)
+    for g in (0, -3):
+      with pytest.raises(ValueError, match="group_size"):
+        grids.GridSpec(4, "group", g)
+    with pytest.raises(ValueError, match="group_size"):
+      grids.GridSpec(4, "group")
+    with pytest.raises(ValueError, match="group_size"):
+      grids.GridSpec(4, "channel", 8)
+    with pytest.raises(ValueError, match="granularity"):
+      grids.GridSpec(4, "row")
+    with pytest.raises(ValueError, match="method"):
+      grids.GridSpec(4, method="l1")
+    with pytest.raises(ValueError, match="NaN"):
+      grids.fit(W.at[0, 0].set(jnp.nan), bits=4)
+    grid = grids.fit(W, bits=4, granularity="group", group_size=8)  # 5 groups for N0 = 37
+    with pytest.raises(ValueError, match="does not fit W.*needs 2 groups"):
+      grid.round(W[:16])
+    with pytest.raises(ValueError, match="does not fit W.*N1 = 4"):
+      grid.round(W[:, :4])
+    with pytest.raises(ValueError, match="does not fit codes"):
+      grid.dequant(jnp.zeros((37, 6), jnp.int32))
+    with pytest.raises(ValueError, match="scale contains NaN"):
+      grids.make(jnp.full((1, 5), jnp.nan), jnp.zeros((1, 5)), bits=4)
+    with pytest.raises(ValueError, match="scale must be >= 0"):
+      grids.make(-jnp.ones((1, 5)), jnp.zeros((1, 5)), bits=4)
+    with pytest.raises(ValueError, match="zero must have the shape"):
+      grids.make(jnp.ones((1, 5)), jnp.zeros((2, 5)), bits=4)
+    with pytest.raises(ValueError, match="bits"):
+      grids.make(jnp.ones((1, 5)), jnp.zeros((1, 5)), bits=12)
+    with pytest.raises(ValueError, match="group_size"):
+      grids.make(jnp.ones((2, 5)), jnp.zeros((2, 5)), bits=4, group_size=0)
+    with pytest.raises(ValueError, match="does not fit N0=20"):
+      grids.GridSpec(4, "group", 8).fit(W).rounder(20)
