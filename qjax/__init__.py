@@ -5,7 +5,9 @@ from qjax import psgd
 from qjax._gpfq.layer import gpfq_flops, gpfq_layer
 from qjax._gpfq.network import gpfq, quantize_msq
 from qjax.rounding import quantize_uniform, sparsity
+from qjax import export
 from qjax import grids
+from qjax.grids import quantize_rtn
 from qjax.gptq import gptq_layer
 
 __version__ = "0.1.0"

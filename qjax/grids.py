@@ -386,6 +386,57 @@ def fit(W: Any, spec: GridSpec | None = None, **kwargs) -> Grid:
 
 
 # ------------------------------------------------------------------------------------------------
+# RTN / MSQ on grids for a whole params tree.
+
+
+def quantize_rtn(params: Any, spec: Any, *, mask: Any = None) -> tuple[Any, dict[str, Grid]]:
+  """Round every kernel to the nearest level of its grid: RTN, no data.
+
+  On a grid, MSQ (the memoryless scalar quantizer of the GPFQ paper, Eq. 5, applied to W alone)
+  is exactly this rounding, so this is both the RTN and the MSQ baseline on the grids that
+  `qjax.gptq_layer` and GPFQ with a grid rounder use (same `GridSpec` -> same levels).
+
+  Args:
+    params: a pytree of arrays (e.g. flax params).
+    spec: a `GridSpec` for every kernel, or rules {regex: GridSpec or None} (`qjax.rules`:
+      first `re.search` match on the layer name wins, 'default' key; None leaves it float).
+    mask: pytree of bools marking the kernels (default: leaves named 'kernel').
+
+  Returns:
+    (params with kernels rounded, {layer name: Grid}) — the grids for `qjax.export.pack`.
+  """
+  from qjax import rounding, rules  # imported here: rounding imports nothing of ours
+
+  def check(value, where):
+    if value is not None and not isinstance(value, GridSpec):
+      raise TypeError(f"{where} must be a qjax.grids.GridSpec or None, got {value!r}")
+    return value
+
+  if mask is None:
+    mask = rounding.kernel_mask(params)
+  flat = jax.tree_util.tree_leaves_with_path(params)
+  marks = jax.tree_util.tree_leaves(mask)
+  if len(marks) != len(flat):
+    raise ValueError(f"mask must have the structure of params ({len(flat)} leaves), got "
+                     f"{len(marks)} leaves")
+  names = [rules.path_name(p) for (p, _), m in zip(flat, marks) if m]
+  specs = rules.resolve(spec, names, what="spec", check_value=check)
+  out, fitted = [], {}
+  for (path, leaf), m in zip(flat, marks):
+    name = rules.path_name(path)
+    if not m or specs[name] is None:
+      out.append(leaf)
+      continue
+    try:
+      grid = fit(leaf, specs[name])
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
+    fitted[name] = grid
+    out.append(grid.round(leaf))
+  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), fitted
+
+
+# ------------------------------------------------------------------------------------------------
 # Rounders: how a quantizer that walks the inputs t = 0..N0-1 rounds row t of all neurons.
 
 

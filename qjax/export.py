@@ -1,0 +1,309 @@
+"""Integer export of quantized params: codes packed into bytes, scales and zero points, orbax I/O.
+
+A quantized kernel whose values lie on a known set of levels is stored as unsigned integer codes
+plus what turns them back into values:
+
+* on a `qjax.grids.Grid` (per tensor, per output channel or per group): the grid's b-bit codes
+  c in {0..2^b-1} with value = scale * (c - zero); scale and zero float32, one per tensor (1, 1),
+  per channel (1, N1) or per group (G, N1);
+* on a 1-D alphabet (the GPFQ paper's per-layer alphabets, `qjax.alphabets`): the index of the
+  value in the sorted level table, plus the table (L float32 levels); ceil(log2 L) code bits
+  (the paper's b-bit alphabets have 2^b + 1 levels, so b + 1 bits).
+
+Codes are packed little-end first into uint8 containers of 1, 2, 4 or 8 bits: 8, 4 (2-bit and
+ternary), 2 (3- and 4-bit: a 3-bit code takes a 4-bit nibble) or 1 code per byte (5..8 bits),
+in the row-major order of the kernel's own shape (conv kernels keep their layout; a group grid on a
+conv kernel is the grid of its `qjax.grids.as_matrix`). More than 256 levels is an error.
+
+Storage is counted as in the ALQ report (`qjax.alq.accounting.report`, Eq. 28): a quantized
+layer stores its codes plus its float32 side parameters (scales, zero points, level tables) at
+32 bits each, and `float_bytes` counts the leaves left in float32 (biases, unquantized layers)
+separately; the compression ratio is 32 N / (storage bits). `storage_bytes` counts the bytes the
+packed arrays really hold (container padding included); `ideal_bytes` counts b bits per weight
+as ALQ's bits do (its I N bits of bases, no padding), so they agree whenever b is 1, 2, 4 or 8.
+
+    packed = export.pack(q_params, grids)        # grids: {layer name: Grid or 1-D levels}
+    export.unpack(packed) == q_params            # exactly
+    export.save(path, packed); export.restore(path)  # orbax-checkpoint
+    export.report(packed)                        # bytes per layer, against float32
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from qjax import grids as grids_lib
+from qjax import rules
+
+PyTree = Any
+_KINDS = ("grid", "table")
+
+
+def container_bits(bits: int) -> int:
+  """Bits of the uint8 sub-field a b-bit code is packed into: 1, 2, 4 or 8."""
+  if not 1 <= bits <= 8:
+    raise ValueError(f"codes must have 1..8 bits, got {bits}")
+  return next(c for c in (1, 2, 4, 8) if c >= bits)
+
+
+def pack_codes(codes: Any, bits: int) -> np.ndarray:
+  """Flatten integer codes in [0, 2^bits) and pack them into uint8, 8 // container per byte."""
+  c = np.asarray(codes).reshape(-1).astype(np.int64)
+  if c.size and (c.min() < 0 or c.max() >= 2**bits):
+    raise ValueError(f"codes must lie in [0, {2**bits}), got [{c.min()}, {c.max()}]")
+  width = container_bits(bits)
+  per = 8 // width
+  c = np.pad(c, (0, -c.size % per)).reshape(-1, per)
+  shifts = np.arange(per, dtype=np.int64) * width
+  return np.sum(c << shifts[None, :], axis=1).astype(np.uint8)
+
+
+def unpack_codes(data: Any, bits: int, size: int) -> np.ndarray:
+  """The first `size` codes of `pack_codes` output, int32."""
+  width = container_bits(bits)
+  per = 8 // width
+  d = np.asarray(data, np.uint8).astype(np.int32)
+  shifts = np.arange(per, dtype=np.int32) * width
+  c = (d[:, None] >> shifts[None, :]) & (2**width - 1)
+  return c.reshape(-1)[:size]
+
+
+@struct.dataclass
+class Packed:
+  """One quantized kernel as packed integer codes.
+
+  Attributes:
+    data: uint8 packed codes (`pack_codes`), row-major over `shape`.
+    scale: float32 grid scale, (1, 1) per tensor, (1, N1) per channel, (G, N1) per group; for a
+      level table a (1, 1) placeholder 0 (not counted).
+    zero: float32 zero points, shape of scale (placeholder for a table).
+    levels: float32 sorted level table (L,) for kind 'table'; (1,) placeholder 0 for a grid.
+    shape: the kernel's shape.
+    kind: 'grid' or 'table'.
+    bits: bits per code (grid: b; table: ceil(log2 L), at least 1).
+    group_size: rows per group of a grid (None: one group).
+    symmetric: how the grid was fitted (metadata).
+  """
+  data: jax.Array
+  scale: jax.Array
+  zero: jax.Array
+  levels: jax.Array
+  shape: tuple[int, ...] = struct.field(pytree_node=False)
+  kind: str = struct.field(pytree_node=False)
+  bits: int = struct.field(pytree_node=False)
+  group_size: int | None = struct.field(pytree_node=False, default=None)
+  symmetric: bool = struct.field(pytree_node=False, default=True)
+
+  @property
+  def weights(self) -> int:
+    return math.prod(self.shape)
+
+  def grid(self) -> grids_lib.Grid:
+    N1 = self.shape[-1]
+    G = 1 if self.group_size is None else -(-math.prod(self.shape[:-1]) // self.group_size)
+    shape = (G, N1)
+    return grids_lib.Grid(jnp.broadcast_to(jnp.asarray(self.scale), shape),
+                          jnp.broadcast_to(jnp.asarray(self.zero), shape), bits=self.bits,
+                          symmetric=self.symmetric, group_size=self.group_size,
+                          per_tensor=self.scale.shape == (1, 1) and N1 > 1)
+
+  def codes(self) -> np.ndarray:
+    return unpack_codes(self.data, self.bits, self.weights).reshape(self.shape)
+
+  def unpack(self) -> jax.Array:
+    """The float32 kernel."""
+    c = self.codes()
+    if self.kind == "table":
+      return jnp.asarray(np.asarray(self.levels)[c])
+    return self.grid().dequant(c)
+
+  def side_arrays(self) -> tuple[np.ndarray, ...]:
+    """The float32 arrays stored besides the codes (what the report counts)."""
+    if self.kind == "table":
+      return (np.asarray(self.levels),)
+    return (np.asarray(self.scale), np.asarray(self.zero))
+
+
+def is_packed(x: Any) -> bool:
+  return isinstance(x, Packed)
+
+
+def pack_kernel(W: Any, target: Any, name: str = "W") -> Packed:
+  """Pack one quantized kernel whose values lie on `target` (a Grid or a 1-D alphabet).
+
+  Raises:
+    ValueError naming `name` when a value is not on the target (not exactly a level), the grid
+    does not fit W, or an alphabet has more than 256 levels.
+  """
+  W = np.asarray(W, np.float32)
+  if isinstance(target, grids_lib.Grid):
+    try:
+      target.check_fits(W.shape, name)
+    except ValueError as e:
+      raise ValueError(f"{name}: {e}") from None
+    codes = np.asarray(target.codes(W))
+    back = np.asarray(target.dequant(codes))
+    if not np.array_equal(back, W):
+      bad = np.argwhere(back != W)[0]
+      raise ValueError(f"{name}: value {W[tuple(bad)]!r} at {tuple(bad)} is not on its grid "
+                       f"(nearest level {back[tuple(bad)]!r}); pack only quantized weights")
+    scale, zero = np.asarray(target.scale), np.asarray(target.zero)
+    if target.per_tensor:
+      scale, zero = scale[:1, :1], zero[:1, :1]
+    return Packed(pack_codes(codes, target.bits), jnp.asarray(scale), jnp.asarray(zero),
+                  jnp.zeros((1,), jnp.float32), shape=W.shape, kind="grid", bits=target.bits,
+                  group_size=target.group_size, symmetric=target.symmetric)
+  levels = np.unique(np.asarray(target, np.float32))  # sorted, deduplicated
+  if levels.ndim != 1 or levels.size == 0:
+    raise ValueError(f"{name}: the alphabet must be a non-empty 1-D array, got shape "
+                     f"{np.shape(target)}")
+  if levels.size > 256:
+    raise ValueError(f"{name}: the alphabet has {levels.size} levels; at most 256 fit 8-bit codes")
+  idx = np.clip(np.searchsorted(levels, W), 0, levels.size - 1)
+  if not np.array_equal(levels[idx], W):
+    bad = np.argwhere(levels[idx] != W)[0]
+    raise ValueError(f"{name}: value {W[tuple(bad)]!r} at {tuple(bad)} is not a level of its "
+                     f"alphabet; pack only quantized weights")
+  bits = max(1, math.ceil(math.log2(levels.size)))
+  return Packed(pack_codes(idx, bits), jnp.zeros((1, 1), jnp.float32),
+                jnp.zeros((1, 1), jnp.float32), jnp.asarray(levels), shape=W.shape,
+                kind="table", bits=bits)
+
+
+def _named_leaves(params: PyTree) -> list[tuple[str, Any]]:
+  return [(rules.path_name(p), leaf)
+          for p, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_packed)]
+
+
+def pack(params: PyTree, targets: Mapping[str, Any]) -> PyTree:
+  """Replace every leaf named in `targets` (names as `qjax.rules.path_name`, e.g.
+  'block1/Conv_0') by its `Packed` codes; other leaves stay as they are.
+
+  Args:
+    params: quantized params (e.g. from `qjax.gptq`, `qjax.grids.quantize_rtn`, `qjax.gpfq`).
+    targets: {name: Grid or 1-D alphabet} for the quantized leaves.
+
+  Raises:
+    ValueError: a name in `targets` that names no leaf, or a leaf not on its target.
+  """
+  names = [n for n, _ in _named_leaves(params)]
+  missing = sorted(set(targets) - set(names))
+  if missing:
+    raise ValueError(f"targets name no parameter: {missing}; the parameters are {names}")
+
+  def leaf_fn(path, leaf):
+    name = rules.path_name(path)
+    return pack_kernel(leaf, targets[name], name) if name in targets else leaf
+
+  return jax.tree_util.tree_map_with_path(leaf_fn, params)
+
+
+def unpack(packed: PyTree) -> PyTree:
+  """The float params back from `pack` output (quantized leaves as float32)."""
+  return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, packed, is_leaf=is_packed)
+
+
+def report(packed: PyTree) -> dict[str, Any]:
+  """Bytes per packed layer against float32, counted as the ALQ report counts (module docstring).
+
+  Returns:
+    {'layers': {name: {kind, bits, container_bits, weights, code_bytes, side_bytes,
+    storage_bytes, ideal_bytes, float32_bytes, compression}}, 'weights', 'storage_bytes',
+    'ideal_bytes', 'float_bytes' (unpacked leaves), 'float32_bytes' (every parameter in
+    float32), 'total_bytes' (storage + float), 'compression' (quantized layers).
+  """
+  layers = {}
+  float_bytes = 0
+  for name, leaf in _named_leaves(packed):
+    if not is_packed(leaf):
+      float_bytes += 4 * int(np.size(leaf))
+      continue
+    side = sum(a.nbytes for a in leaf.side_arrays())
+    code = int(np.asarray(leaf.data).nbytes)
+    layers[name] = dict(kind=leaf.kind, bits=leaf.bits, container_bits=container_bits(leaf.bits),
+                        weights=leaf.weights, code_bytes=code, side_bytes=side,
+                        storage_bytes=code + side,
+                        ideal_bytes=leaf.bits * leaf.weights / 8 + side,
+                        float32_bytes=4 * leaf.weights,
+                        compression=32 * leaf.weights / (8 * (code + side)))
+  weights = sum(l["weights"] for l in layers.values())
+  storage = sum(l["storage_bytes"] for l in layers.values())
+  return dict(layers=layers, weights=weights, storage_bytes=storage,
+              ideal_bytes=sum(l["ideal_bytes"] for l in layers.values()),
+              float_bytes=float_bytes, float32_bytes=4 * weights + float_bytes,
+              total_bytes=storage + float_bytes,
+              compression=32 * weights / (8 * storage) if storage else float("inf"))
+
+
+# ------------------------------------------------------------------------------------------------
+# orbax-checkpoint save / restore: a nested dict of plain arrays (no static fields needed).
+
+
+def _to_state(tree: PyTree) -> Any:
+  if is_packed(tree):
+    meta = [_KINDS.index(tree.kind), tree.bits, tree.group_size or 0, int(tree.symmetric),
+            len(tree.shape), *tree.shape]
+    state = {"data": np.asarray(tree.data), "meta": np.asarray(meta, np.int64)}
+    if tree.kind == "table":
+      state["levels"] = np.asarray(tree.levels)
+    else:
+      state["scale"], state["zero"] = np.asarray(tree.scale), np.asarray(tree.zero)
+    return {"__packed__": state}
+  if isinstance(tree, Mapping):
+    return {str(k): _to_state(v) for k, v in tree.items()}
+  if hasattr(tree, "shape") and hasattr(tree, "dtype"):
+    return np.asarray(tree)
+  raise TypeError(f"save handles nested dicts of arrays and Packed leaves, got "
+                  f"{type(tree).__name__}")
+
+
+def _from_state(state: Any) -> PyTree:
+  if isinstance(state, Mapping) and "__packed__" in state:
+    s = state["__packed__"]
+    kind, bits, group, symmetric, ndim, *shape = (int(v) for v in np.asarray(s["meta"]))
+    shape = tuple(shape[:ndim])
+    levels = s.get("levels", np.zeros((1,), np.float32))
+    scale = s.get("scale", np.zeros((1, 1), np.float32))
+    zero = s.get("zero", np.zeros((1, 1), np.float32))
+    return Packed(jnp.asarray(s["data"]), jnp.asarray(scale), jnp.asarray(zero),
+                  jnp.asarray(levels), shape=shape, kind=_KINDS[kind], bits=bits,
+                  group_size=group or None, symmetric=bool(symmetric))
+  if isinstance(state, Mapping):
+    return {k: _from_state(v) for k, v in state.items()}
+  return jnp.asarray(state)
+
+
+def save(path: str | os.PathLike, packed: PyTree, *, compress: bool = False) -> int:
+  """Write `pack` output to a new orbax checkpoint directory; returns its bytes on disk.
+
+  Without `compress` the arrays are stored raw, so the bytes on disk are `report`'s
+  `total_bytes` plus orbax's metadata (a few KiB); with it orbax's zstd shrinks what compresses
+  (constant zero points, the unused top bit of 3-bit codes in 4-bit nibbles).
+  """
+  import orbax.checkpoint as ocp  # imported here: only export needs it
+  path = os.path.abspath(os.fspath(path))
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
+  checkpointer.save(path, args=ocp.args.PyTreeSave(_to_state(packed)))
+  return disk_bytes(path)
+
+
+def restore(path: str | os.PathLike) -> PyTree:
+  """Read a checkpoint written by `save`: the same packed tree (dict containers)."""
+  import orbax.checkpoint as ocp
+  checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+  state = checkpointer.restore(os.path.abspath(os.fspath(path)), args=ocp.args.PyTreeRestore())
+  return _from_state(state)
+
+
+def disk_bytes(path: str | os.PathLike) -> int:
+  """Total size of the files under `path`."""
+  total = 0
+  for root, _, files in os.walk(os.fspath(path)):
+    total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  return total
