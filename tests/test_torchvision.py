@@ -267,3 +267,23 @@ def test_registered_models_run_in_eval_mode():
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.zeros((1, 64, 64, 3), jnp.float32))
   assert out.shape == (1, 1000) and out.dtype == jnp.float32
+
+
+@pytest.mark.slow
+def test_preprocess_equals_torchvision_transforms():
+  """qjax.imagenet's resize-256 / center-crop-224 / normalise equals torchvision's on PIL images
+  (the paper's evaluation transform), for landscape, portrait and small images."""
+  torch, torchvision = _import_torchvision()
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from torchvision import transforms  # pylint: disable=g-import-not-at-top
+  from qjax import imagenet  # pylint: disable=g-import-not-at-top
+  ref = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224),
+                            transforms.ToTensor(),
+                            transforms.Normalize(imagenet.MEAN, imagenet.STD)])
+  rng = np.random.default_rng(5)
+  for shape in ((375, 500, 3), (500, 333, 3), (120, 90, 3), (256, 256, 3)):
+    img = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    want = ref(Image.fromarray(img)).numpy().transpose(1, 2, 0)
+    got = np.asarray(imagenet.normalize(jnp.asarray(imagenet.preprocess(img))))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=str(shape))
+  del torch, torchvision

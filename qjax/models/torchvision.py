@@ -436,11 +436,15 @@ def _expected_shapes(name: str, image_size: int) -> tuple:
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor, without importing torch
-    value = value.detach().cpu().numpy()
+    value = value.detach().cpu()
+    if str(value.dtype) in ("torch.bfloat16", "torch.float16"):
+      value = value.float()  # numpy has no bfloat16
+    value = value.numpy()
   try:
     return np.asarray(value)
   except Exception as e:  # pylint: disable=broad-except
-    raise TypeError(f"state_dict[{key!r}]: cannot convert {type(value).__name__} to an array") from e
+    raise TypeError(f"state_dict[{key!r}]: cannot convert {type(value).__name__} to an "
+                    "array") from e
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -461,7 +465,7 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   loaded = torch.load(path, map_location="cpu", weights_only=True)
   if not isinstance(loaded, Mapping):
     raise TypeError(f"{path!r} holds a {type(loaded).__name__}, not a state_dict")
-  return {k: v.numpy() for k, v in loaded.items()}
+  return {k: _to_numpy(v, k) for k, v in loaded.items()}
 
 
 def from_torchvision(name: str, state_dict: Mapping[str, Any] | str | os.PathLike,
