@@ -3,6 +3,7 @@
 Speeds are not asserted (they live in the benchmarks, not in tests); the memory goal and exactness
 are: streamed GPFQ stays under 1 GiB resident, and sharded GPFQ gives the one-device Q.
 """
+import ast
 import json
 import os
 import pathlib
@@ -12,6 +13,37 @@ import sys
 import pytest
 
 BENCHMARKS = pathlib.Path(__file__).parents[1] / "benchmarks"
+
+
+def private_uses(source: str) -> list[str]:
+  """qjax names a script reaches that start with '_' (private modules or functions)."""
+  found = []
+  for node in ast.walk(ast.parse(source)):
+    if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "qjax":
+      parts = node.module.split(".") + [alias.name for alias in node.names]
+      found += [f"from {node.module} import {a.name}" for a in node.names
+                if any(p.startswith("_") for p in parts)]
+    elif isinstance(node, ast.Import):
+      found += [a.name for a in node.names
+                if a.name.split(".")[0] == "qjax" and any(p.startswith("_") for p in
+                                                           a.name.split("."))]
+    elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+      if ast.unparse(node.value).split(".")[0] == "qjax":
+        found.append(ast.unparse(node))
+  return found
+
+
+def test_private_uses_finds_them():
+  assert sorted(private_uses("from qjax._gpfq import layer\nimport qjax._gpfq.kernels\n"
+                             "from qjax.x import _f\nimport qjax\nqjax._gpfq\n")) == [
+                                 "from qjax._gpfq import layer", "from qjax.x import _f",
+                                 "qjax._gpfq", "qjax._gpfq.kernels"]
+  assert not private_uses("import qjax\nfrom qjax import gpfq_flops\nx._y\n")
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCHMARKS.glob("*.py")))
+def test_benchmarks_use_public_names_only(script):
+  assert not private_uses((BENCHMARKS / script).read_text()), script
 
 
 def run_quick(script: str, out: pathlib.Path) -> dict:
