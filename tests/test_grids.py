@@ -163,3 +163,117 @@ class GridTest(parameterized.TestCase):
       grids.make(jnp.ones((2, 5)), jnp.zeros((2, 5)), bits=4, group_size=0)
     with pytest.raises(ValueError, match="does not fit N0=20"):
       grids.GridSpec(4, "group", 8).fit(W).rounder(20)
+
+
+def _gpfq_reference(W, X, Xt, levels_of_row):
+  """GPFQ (paper Eq. 7-8) one row at a time in float64; levels_of_row(t) -> (N1, L) levels."""
+  W, X, Xt = (np.asarray(a, np.float64) for a in (W, X, Xt))
+  U = np.zeros((X.shape[0], W.shape[1]))
+  Q = np.zeros(W.shape, np.float32)
+  for t in range(W.shape[0]):
+    x, xt = X[:, t], Xt[:, t]
+    nrm = xt @ xt
+    arg = (xt @ U + W[t] * (xt @ x)) / nrm if nrm > 0 else np.zeros(W.shape[1])
+    lv = np.asarray(levels_of_row(t), np.float64)
+    Q[t] = lv[np.arange(W.shape[1]), np.argmin(np.abs(arg[:, None] - lv), axis=1)]
+    U += np.outer(x, W[t]) - np.outer(xt, Q[t].astype(np.float64))
+  return Q
+
+
+def _gpfq_problem(seed, N0=45, N1=6, m=120):
+  k = jax.random.split(jax.random.key(seed), 3)
+  W = _kernel(seed, (N0, N1))
+  X = jax.nn.relu(jax.random.normal(k[1], (m, N0)))
+  Xt = X + 0.05 * jax.random.normal(k[2], (m, N0))
+  return W, X, Xt
+
+
+class GpfqOnGridsTest(parameterized.TestCase):
+
+  @parameterized.product(gran=(("channel", None), ("group", 8)), symmetric=(True, False),
+                         method=("scan", "gram"))
+  def test_gpfq_on_grid_matches_numpy_loop_with_per_neuron_levels(self, gran, symmetric,
+                                                                  method):
+    import qjax
+    W, X, Xt = _gpfq_problem(1)
+    grid = grids.fit(W, bits=3, granularity=gran[0], group_size=gran[1], symmetric=symmetric)
+    Q = qjax.gpfq_layer(W, X, Xt, grid.rounder(45), method=method, block_size=16)
+    levels = np.asarray(grid.levels())  # (G, N1, 8)
+    group = grid.group_index(45)
+    Qr = _gpfq_reference(W, X, Xt, lambda t: levels[group[t]])
+    np.testing.assert_array_equal(Q, Qr)
+    np.testing.assert_array_equal(grid.round(Q), Q)  # on the grid
+
+  def test_alphabet_rounder_msq_is_plain_gpfq(self):
+    import qjax
+    from qjax import alphabets
+    W, X, Xt = _gpfq_problem(2)
+    levels = alphabets.levels_for(W, 3, 1.0)
+    np.testing.assert_array_equal(
+        qjax.gpfq_layer(W, X, Xt, grids.rounder(levels, 45, 6), method="gram"),
+        qjax.gpfq_layer(W, X, Xt, levels, method="gram"))
+
+  @parameterized.parameters("grid", "alphabet")
+  def test_stochastic_rounder_is_unbiased(self, target):
+    from qjax import alphabets
+    W = _kernel(3, (16, 5))
+    tgt = (grids.fit(W, bits=2, symmetric=False) if target == "grid"
+           else alphabets.levels_for(W, 2, 1.0))
+    z = jnp.array([-0.7, -0.1, 0.05, 0.33, 0.61])
+    n = 4000
+    draws = jax.vmap(lambda k: grids.rounder(tgt, 16, 5, quantizer="stochastic", key=k)
+                     .round_row(z, jnp.int32(3)))(jax.random.split(jax.random.key(0), n))
+    if target == "grid":
+      lv = np.asarray(tgt.levels())[0]  # (N1, 4)
+    else:
+      lv = np.tile(np.asarray(tgt), (5, 1))
+    assert all(np.isin(np.asarray(draws[:, j]), lv[j]).all() for j in range(5))
+    expect = np.clip(np.asarray(z), lv[:, 0], lv[:, -1])
+    spacing = np.max(np.diff(lv, axis=1), axis=1)
+    # The mean of n draws between two levels d apart has std <= d / (2 sqrt(n)); allow 5 std.
+    np.testing.assert_array_less(np.abs(np.asarray(draws.mean(0)) - expect),
+                                 5 * spacing / (2 * np.sqrt(n)) + 1e-6)
+
+  def test_stochastic_gpfq_on_grid(self):
+    import qjax
+    W, X, Xt = _gpfq_problem(4)
+    grid = grids.fit(W, bits=3, granularity="group", group_size=8)
+    run = lambda k: qjax.gpfq_layer(W, X, Xt, grid.rounder(45, quantizer="stochastic", key=k),
+                                    method="gram")
+    Q1, Q2 = run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(grid.round(Q1), Q1)
+    np.testing.assert_array_equal(run(jax.random.key(1)), Q1)
+    assert not np.array_equal(Q1, Q2)
+
+  @parameterized.product(quantizer=("hard_threshold", "soft_threshold"),
+                         target=("grid", "alphabet"))
+  def test_thresholding_raises_sparsity_and_error_with_lambda(self, quantizer, target):
+    import qjax
+    from qjax import alphabets
+    W, X, Xt = _gpfq_problem(5, N0=64, N1=8, m=200)
+    tgt = (grids.fit(W, bits=4, symmetric=False) if target == "grid"
+           else alphabets.levels_for(W, 4, 1.0))
+    sparsity, error = [], []
+    for lam in (0.0, 0.1, 0.3, 0.6, 1.0):
+      Q = qjax.gpfq_layer(W, X, Xt, grids.rounder(tgt, 64, 8, quantizer=quantizer, lambda_=lam),
+                          method="gram")
+      sparsity.append(float(np.mean(np.asarray(Q) == 0)))
+      error.append(float(np.linalg.norm(X @ W - Xt @ Q) / np.linalg.norm(X @ W)))
+    assert np.all(np.diff(sparsity) > 0), sparsity
+    assert np.all(np.diff(error) > 0), error
+
+  def test_rounder_errors(self):
+    W = _kernel(6, (16, 5))
+    grid = grids.fit(W, bits=3)
+    with pytest.raises(ValueError, match="quantizer must be one of"):
+      grids.rounder(grid, 16, 5, quantizer="nearest")
+    with pytest.raises(ValueError, match="needs a key"):
+      grids.rounder(grid, 16, 5, quantizer="stochastic")
+    with pytest.raises(ValueError, match="lambda_"):
+      grids.rounder(grid, 16, 5, quantizer="soft_threshold")
+    with pytest.raises(ValueError, match="lambda_"):
+      grids.rounder(grid, 16, 5, quantizer="hard_threshold", lambda_=-1.0)
+    with pytest.raises(ValueError, match="key is only used"):
+      grids.rounder(grid, 16, 5, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="N1=4"):
+      grids.rounder(grid, 16, 4)
