@@ -103,6 +103,8 @@ def write_back(leaf_value: jax.Array, prov: Prov, operand: jax.Array) -> jax.Arr
   The chain is a permutation of entries (plus casts and slices), so applying it to an iota of
   flat leaf indices tells where each operand entry lives in the leaf.
   """
+  if not prov.steps and operand.shape == leaf_value.shape:  # the leaf is the operand
+    return operand.astype(leaf_value.dtype)
   iota = jnp.arange(math.prod(leaf_value.shape), dtype=jnp.int32).reshape(leaf_value.shape)
   where = apply_steps(iota, prov.steps, index_only=True)
   flat = leaf_value.reshape(-1).at[where.reshape(-1)].set(
@@ -192,6 +194,9 @@ def weight_to_matrix(w: jax.Array, layout: MatrixLayout) -> jax.Array:
 def matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
   """Inverse of `weight_to_matrix`: W (N0, G*N1g) back to the weight operand's layout."""
   bshape, cshape, fshape = layout.w_shapes
+  if (layout.groups == 1 and len(cshape) == 1 and len(fshape) == 1 and not bshape
+      and layout.w_perm == (0, 1)):
+    return Q  # a Dense-layout kernel is its own matrix (no reshape: keeps a sharded Q as is)
   if layout.kind == "conv":
     w = Q.reshape(cshape + fshape)
   else:
@@ -511,7 +516,7 @@ class _Walker:
       if name == "add":
         a, b = eqn.invars
         for y, bias_p in ((a, ins[1]), (b, ins[0])):
-          if y in op_out and bias_p is not None and op_out[y].bias is None:
+          if isinstance(y, jcore.Var) and y in op_out and bias_p is not None and op_out[y].bias is None:
             op_out[y].bias = (bias_p, tuple(eqn.invars[1 if y is a else 0].aval.shape))
             self.biases.add(bias_p.leaf)
             break
@@ -581,14 +586,20 @@ def _has_points(plan: FramePlan) -> bool:
   return bool(plan.points)
 
 
-def trace(apply_fn: Callable, params: PyTree, batch: PyTree) -> Program:
+def make_jaxpr(apply_fn: Callable, params: PyTree, batch: PyTree) -> tuple[Any, Any]:
+  """(ClosedJaxpr, output shapes) of `apply_fn(params, batch)`; raises what tracing raises."""
+  return jax.make_jaxpr(apply_fn, return_shape=True)(params, batch)
+
+
+def trace(apply_fn: Callable, params: PyTree, batch: PyTree, traced: tuple | None = None
+          ) -> Program:
   """Trace `apply_fn(params, batch)` and list its weight ops (nothing is computed).
 
-  Raises:
-    whatever tracing raises (the caller turns it into a message about the batch).
+  Args:
+    traced: the result of `make_jaxpr` if the caller already has it.
   """
   leaves, positions, names, treedef, n_flat = param_leaves(params)
-  closed, out_shape = jax.make_jaxpr(apply_fn, return_shape=True)(params, batch)
+  closed, out_shape = traced or make_jaxpr(apply_fn, params, batch)
   jaxpr = closed.jaxpr
   walker = _Walker(names)
   prov = {jaxpr.invars[pos]: Prov(i) for i, pos in enumerate(positions)}
