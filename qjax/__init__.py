@@ -8,7 +8,7 @@ from qjax.rounding import quantize_uniform, sparsity
 from qjax import export
 from qjax import grids
 from qjax.grids import quantize_rtn
-from qjax.gptq import gptq_layer
+from qjax._gptq import gptq, gptq_layer
 
 __version__ = "0.1.0"
 

@@ -260,3 +260,109 @@ def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float 
     return Q, grid
   return Q, grids_lib.Grid(scale, zero, bits=spec.bits, symmetric=spec.symmetric,
                            group_size=spec.group_size, per_tensor=spec.granularity == "tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole network on the one-pass driver (qjax.driver).
+
+
+@jax.jit
+def _add_h(H, xt):
+  return H + _tmm(xt, xt)
+
+
+def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = None,
+                   symmetric: bool = False, scale_method: str = "max",
+                   alphabet: str | None = None, C: float = 1.0, block_size: int = 128,
+                   damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
+                   grids_out: dict | None = None):
+  """The GPTQ `quantize_layer` for `qjax.driver.run`: H = sum over chunks of X~^T X~ per
+  independent problem, the layer's grid `GridSpec(info.bits, granularity, ...)` (or the GPFQ
+  alphabet `qjax.alphabets.levels_for(W, bits, C, alphabet)`), then `gptq_layer`; the extras
+  record the RTN (MSQ) error on the same grid and data. Fitted grids go into `grids_out`
+  {layer name: Grid (on the driver's matrix)} when given."""
+  def quantize_layer(name: str, W: jax.Array, chunks, info):
+    W = jnp.asarray(W, jnp.float32)
+    if alphabet is not None:
+      target = alphabets.levels_for(W, info.bits, C, alphabet) if bool(jnp.any(W != 0)) else (
+          jnp.zeros((1,), jnp.float32))
+    else:
+      target = grids_lib.GridSpec(info.bits, granularity, group_size, symmetric=symmetric,
+                                  method=scale_method)
+    slices = info.group_slices()
+    Hs = [jnp.zeros((W.shape[0], W.shape[0]), jnp.float32) for _ in slices]
+    for _, xt in chunks:
+      xt = jnp.asarray(xt, jnp.float32)
+      Hs = [_add_h(H, xt if len(slices) == 1 else xt[:, rows]) for H, (rows, _) in zip(Hs, slices)]
+    Qs, gs = [], []
+    for H, (_, cols) in zip(Hs, slices):
+      Q, g = gptq_layer(W[:, cols], H, target, block_size=block_size, damp=damp,
+                        act_order=act_order, static_groups=static_groups, return_grid=True)
+      Qs.append(Q)
+      gs.append(g)
+    Q = jnp.concatenate(Qs, axis=1) if len(Qs) > 1 else Qs[0]
+    if alphabet is not None:
+      rtn = alphabets.msq(W, target)
+      grid = None
+    else:
+      grid = gs[0] if len(gs) == 1 else grids_lib.Grid(
+          jnp.concatenate([g.scale for g in gs], axis=1),
+          jnp.concatenate([g.zero for g in gs], axis=1), bits=gs[0].bits,
+          symmetric=gs[0].symmetric, group_size=gs[0].group_size, per_tensor=False)
+      # RTN on the same grid (for dynamic groups: the grid GPTQ ended with).
+      rtn = grid.round(W)
+    if grids_out is not None:
+      grids_out[name] = target if grid is None else grid
+    return Q, dict(msq_error=info.error(rtn))
+  return quantize_layer
+
+
+def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
+         granularity: str = "channel", group_size: int | None = None, symmetric: bool = False,
+         scale_method: str = "max", alphabet: str | None = None, C: float = 1.0,
+         block_size: int = 128, damp: float = 0.01, act_order: bool = False,
+         static_groups: bool = False, skip: str | None = None, last_layer_float: bool = False,
+         bias_correction: bool = False, patch_p: float = 1.0, patch_stride: str = "layer",
+         key: Any = None, apply_kwargs: Any = None, progress: bool = True,
+         return_grids: bool = False):
+  """Quantize any JAX model with GPTQ, layer by layer in program order, on `qjax.driver`.
+
+  Layer i's H = X~^T X~ comes from the network with layers < i already quantized (GPTQ's
+  sequential setting), all on `batch` in one lockstep pass (`qjax.driver.run`); a conv layer's
+  rows are its patches (by default every position at the conv's own strides, as the reference
+  unfolds). Options and report as `qjax.gpfq` (bits rules, skip, last_layer_float,
+  bias_correction, patch sampling); the report's 'msq err' column is RTN on the same grid.
+
+  Args:
+    params, apply_fn, batch: as `qjax.gpfq` (any JAX function `apply_fn(params, batch)`).
+    bits: bits for every layer or {regex: bits} with 'default' (`qjax.rules`).
+    granularity, group_size, symmetric, scale_method: the grid of each layer,
+      `qjax.grids.GridSpec(bits, granularity, group_size, symmetric, scale_method)`; GPTQ's
+      reference default is asymmetric min-max per channel. For conv layers a group runs over the
+      driver's channel-major rows (Cin, kh, kw), not the kernel's HWIO order.
+    alphabet: instead of a grid, the GPFQ paper's per-layer alphabet by this rule ('paper',
+      'reference', 'uniform'; `qjax.alphabets.levels_for(W, bits, C, alphabet)`).
+    block_size, damp, act_order, static_groups: as `gptq_layer`.
+    return_grids: also return {layer name: Grid or alphabet} (for `qjax.export`; conv group
+      grids are on the driver's rows, see above).
+
+  Returns:
+    (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
+  """
+  from qjax import driver  # imported here: the driver is only needed for whole networks
+  if alphabet is None:  # validate the grid options eagerly (bits come per layer)
+    grids_lib.GridSpec(4, granularity, group_size, symmetric=symmetric, method=scale_method)
+  elif alphabet not in ("paper", "reference", "uniform"):
+    raise ValueError(f"alphabet must be None, 'paper', 'reference' or 'uniform', got "
+                     f"{alphabet!r}")
+  fitted: dict = {}
+  fn = gptq_quantizer(granularity=granularity, group_size=group_size, symmetric=symmetric,
+                      scale_method=scale_method, alphabet=alphabet, C=C,
+                      block_size=block_size, damp=damp, act_order=act_order,
+                      static_groups=static_groups, grids_out=fitted)
+  q_params, report = driver.run(params, apply_fn, batch, fn, bits=bits, skip=skip,
+                                last_layer_float=last_layer_float,
+                                bias_correction=bias_correction, patch_p=patch_p,
+                                patch_stride=patch_stride, key=key, apply_kwargs=apply_kwargs,
+                                progress=progress, method="gptq")
+  return (q_params, report, fitted) if return_grids else (q_params, report)
