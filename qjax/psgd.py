@@ -14,78 +14,104 @@ clustered on the targets and per-layer round-to-nearest (`qjax.quantize_uniform`
 Typical use::
 
   tx = qjax.psgd.psgd(0.01, bits=2)                              # kernels -> 2-bit grid
-  tx = qjax.psgd.psgd(0.01, bits={"Conv_0|Dense_1": 8, ".*": 2})  # first/last layer at 8 bit
+  tx = qjax.psgd.psgd(0.01, bits={"^(Conv_0|Dense_1)$": 8, "default": 2})  # edges at 8 bit
   tx = qjax.psgd.psgd(0.01, targets=qjax.psgd.zero_targets())    # pruning
   tx = optax.inject_hyperparams(qjax.psgd.psgd, static_args="bits")(
       learning_rate=optax.cosine_decay_schedule(0.01, 1000), bits=4)
 """
 from __future__ import annotations
 
-import re
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from qjax.rounding import check_bits, kernel_mask, path_str, round_to_uniform_grid
+from qjax import rules
+from qjax.rounding import (BitsSpec, check_bits_spec, kernel_mask, layer_bits,
+                           round_to_uniform_grid)
 
 PyTree = Any
-# Nearest targets of one tensor: (w, '/'-joined path of the leaf, e.g. 'Conv_0/kernel') -> wbar.
+# Nearest targets of one tensor: (w, its layer name `qjax.rules.path_name`, e.g. 'Conv_0') -> wbar.
 TargetFn = Callable[[jax.Array, str], jax.Array]
-# Bits per weight: one int, a callable on the leaf path, or {regex: bits} (first `re.search` wins).
-BitsSpec = Union[int, Callable[[str], int], Mapping[str, int]]
 
 
-def per_layer_bits(bits: BitsSpec) -> Callable[[str], int]:
-  """Normalise a bits spec to a callable `path -> bits` (validated: 1 <= bits <= 16).
+def per_layer_bits(bits: BitsSpec, names: Sequence[str]) -> dict[str, int]:
+  """The bits of every layer name (`qjax.rules.path_name`, e.g. 'Conv_0'), each in 2..16.
 
-  Ints and dict values are checked now; a callable's results when a path is looked up. The result
-  can be passed to `qjax.quantize_uniform(params, bits=...)` so rounding uses the same grids.
+  `bits` is one int, a callable name -> bits, or rules {regex: bits} (`qjax.rules`: `re.search`,
+  first match wins, optional 'default'). The same spec can be passed to
+  `qjax.quantize_uniform(params, bits=...)` so rounding uses the same grids.
 
   Raises:
-    ValueError: bits outside 1..16, or a path that matches no pattern of a dict spec.
+    ValueError: bits outside 2..16 (the per-tensor symmetric grid needs b >= 2), a pattern that
+      matches no layer, a layer that matches no pattern and there is no 'default'.
     TypeError: bits that are not ints (e.g. a traced array: with `optax.inject_hyperparams`, pass
       `static_args="bits"`).
   """
-  if isinstance(bits, Mapping):
-    table = [(re.compile(p), check_bits(b, f"bits[{p!r}]")) for p, b in bits.items()]
-
-    def from_table(path: str) -> int:
-      for pattern, b in table:
-        if pattern.search(path):
-          return b
-      raise ValueError(f"no bits pattern in {list(bits)} matches layer {path!r}")
-
-    return from_table
-  if callable(bits):
-    return lambda path: check_bits(bits(path), f"bits for layer {path!r}")
-  b = check_bits(bits)
-  return lambda path: b
+  return layer_bits(bits, list(names))
 
 
-def uniform_targets(bits: BitsSpec) -> TargetFn:
+class UniformTargets:
+  """`TargetFn` of `uniform_targets`: the nearest level of each layer's b-bit grid.
+
+  `scale_by_position` resolves the bits spec over all the layers it scales (`for_layers`), so
+  rules are checked as a whole (a pattern matching no layer is an error). Called directly, a
+  rule set is resolved for that one layer.
+  """
+
+  def __init__(self, bits: BitsSpec, resolved: dict[str, int] | None = None):
+    check_bits_spec(bits)
+    self.bits = bits
+    self._resolved = resolved
+
+  def for_layers(self, names: Sequence[str]) -> "UniformTargets":
+    """These targets with the bits of every layer in `names` resolved now (eager errors)."""
+    return UniformTargets(self.bits, per_layer_bits(self.bits, names))
+
+  def bits_of(self, name: str) -> int:
+    if self._resolved is not None and name in self._resolved:
+      return self._resolved[name]
+    return per_layer_bits(self.bits, [name])[name]
+
+  def __call__(self, w: jax.Array, name: str) -> jax.Array:
+    return round_to_uniform_grid(w, self.bits_of(name))
+
+
+def uniform_targets(bits: BitsSpec) -> UniformTargets:
   """Nearest level of the per-tensor grid Δ·{-(2^(b-1)-1), …, 2^(b-1)-1}, Δ = absmax/(2^(b-1)-1).
 
-  The same grid `qjax.quantize_uniform` rounds to; `bits` may differ per layer (see
-  `per_layer_bits`). At 2 bits the grid is {-absmax, 0, absmax}. The largest weight of a tensor
-  is always on its own target, so PSGD barely moves it by the loss gradient (weight decay still
-  shrinks it, and with it the grid).
+  The same grid `qjax.quantize_uniform` rounds to; `bits` may differ per layer (one int, a
+  callable on the layer name, or `qjax.rules` {regex: bits}; see `per_layer_bits`), each in
+  2..16: at 2 bits the grid is already ternary {-absmax, 0, absmax}, and there is no 1-bit grid
+  of this kind. The largest weight of a tensor is always on its own target, so PSGD barely moves
+  it by the loss gradient (weight decay still shrinks it, and with it the grid).
+
+  References:
+    Kim, Yoo & Kwak, `Position-based Scaled Gradient for Model Quantization and Pruning
+    <https://arxiv.org/abs/2005.11035>`_, NeurIPS 2020 (the quantization targets of Sec. 3).
   """
-  bits_of = per_layer_bits(bits)
-  return lambda w, path: round_to_uniform_grid(w, bits_of(path))
+  return UniformTargets(bits)
+
+
+def _bind(targets: TargetFn, tree: PyTree) -> TargetFn:
+  """`targets` resolved over the layers of `tree` when it knows how (UniformTargets)."""
+  if isinstance(targets, UniformTargets):
+    names = [rules.path_name(path) for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+    return targets.for_layers(names)
+  return targets
 
 
 def zero_targets() -> TargetFn:
   """Target 0 for every weight: PSGD for pruning (weights collapse towards 0)."""
-  return lambda w, path: jnp.zeros_like(w)
+  return lambda w, name: jnp.zeros_like(w)
 
 
 def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float = 1e-8,
                       lambda_s: float = 150.0) -> optax.GradientTransformationExtraArgs:
   r"""Multiply each gradient elementwise by s(w), the weight's distance to its nearest target.
 
-  With wbar = targets(w, path) per tensor,
+  With wbar = targets(w, name) per tensor (name: the layer's `qjax.rules.path_name`, 'Conv_0'),
 
   * normalized=True (rebuttal of the paper, Appendix B):
     s(w) = (|w - wbar| + eps) / (max |w - wbar| + eps),  so 0 < s <= 1 and a weight exactly on a
@@ -96,14 +122,16 @@ def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float 
     on CIFAR-100); unbounded, so the step-size bound above does not hold.
 
   Args:
-    targets: maps (tensor, path) to its nearest targets, e.g. `uniform_targets(bits)`,
-      `zero_targets()` or any user callable (w, path) -> wbar of w's shape.
+    targets: maps (tensor, layer name) to its nearest targets, e.g. `uniform_targets(bits)`,
+      `zero_targets()` or any user callable (w, name) -> wbar of w's shape.
     normalized: which s(w) (see above).
     eps: keeps the normalized s strictly positive.
     lambda_s: slope of the unnormalized s.
 
   Returns:
-    A transformation whose `update` needs `params` (the weights s is computed from).
+    A GradientTransformationExtraArgs whose `update(grads, state, params, **extra_args)` needs
+    `params` (the weights s is computed from) and ignores extra arguments (e.g. `value=loss`
+    meant for another member of an `optax.chain`).
 
   Example::
 
@@ -113,22 +141,31 @@ def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float 
     >>> s, _ = tx.update({"kernel": jnp.ones(3)}, tx.init(w), w)
     >>> s["kernel"].round(3)
     Array([0.5, 1. , 0. ], dtype=float32)
+
+  References:
+    Kim, Yoo & Kwak, `Position-based Scaled Gradient for Model Quantization and Pruning
+    <https://arxiv.org/abs/2005.11035>`_, NeurIPS 2020 (the scaled gradient; the normalized form
+    from the authors' rebuttal).
   """
 
   def init_fn(params: PyTree) -> optax.EmptyState:
-    del params  # s(w) is a pure function of the current params: nothing to carry.
+    _bind(targets, params)  # eager check of the bits rules against the layers
+    # s(w) is a pure function of the current params: nothing to carry.
     return optax.EmptyState()
 
-  def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None
-                ) -> tuple[PyTree, optax.EmptyState]:
+  def update_fn(updates: PyTree, state: optax.EmptyState, params: PyTree | None = None,
+                **extra_args: Any) -> tuple[PyTree, optax.EmptyState]:
+    del extra_args  # e.g. value=loss for other members of an optax.chain
     if params is None:
       raise ValueError("scale_by_position needs the current params: call "
                        "tx.update(grads, state, params)")
+    bound = _bind(targets, params)
 
     def scale(path: tuple, g: jax.Array, w: jax.Array) -> jax.Array:
-      wbar = targets(w, path_str(path))
+      name = rules.path_name(path)
+      wbar = bound(w, name)
       if wbar.shape != w.shape:
-        raise ValueError(f"targets for layer {path_str(path)!r} have shape {wbar.shape}, "
+        raise ValueError(f"targets for layer {name!r} have shape {wbar.shape}, "
                          f"expected {w.shape}")
       dist = jnp.abs(w - wbar.astype(w.dtype))
       # Hyperparameters may arrive as float32 arrays (inject_hyperparams); keep the leaf's dtype.
@@ -156,7 +193,8 @@ def psgd(learning_rate: optax.ScalarOrSchedule, bits: BitsSpec | None = None, *,
 
   Args:
     learning_rate: a float or an optax schedule.
-    bits: target grid bits (int, callable on the layer path, or {regex: bits}); see
+    bits: target grid bits in 2..16 (int, callable on the layer name, or `qjax.rules`
+      {regex: bits} with an optional 'default'); see
       `uniform_targets`. Give exactly one of `bits` and `targets`.
     targets: any `TargetFn`, e.g. `zero_targets()` for pruning.
     momentum: SGD momentum.
@@ -166,7 +204,12 @@ def psgd(learning_rate: optax.ScalarOrSchedule, bits: BitsSpec | None = None, *,
     normalized, eps, lambda_s: see `scale_by_position`.
 
   Works with `optax.inject_hyperparams(psgd, static_args=("bits", "targets", "mask"))`: bits must
-  stay Python ints, and inject_hyperparams would otherwise take callables for schedules.
+  stay Python ints, and inject_hyperparams would otherwise take callables for schedules. Extra
+  update arguments (`tx.update(g, s, p, value=loss)`) are accepted and passed along the chain.
+
+  References:
+    Kim, Yoo & Kwak, `Position-based Scaled Gradient for Model Quantization and Pruning
+    <https://arxiv.org/abs/2005.11035>`_, NeurIPS 2020.
   """
   if (bits is None) == (targets is None):
     raise ValueError("psgd needs exactly one of `bits` (uniform grid) and `targets`")

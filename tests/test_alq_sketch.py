@@ -105,3 +105,43 @@ def test_structure_not_dividing_layer_is_named():
 def test_bad_sigma():
   with pytest.raises(ValueError, match="sigma"):
     alq.init(_params(), {"Conv_0": "kernel-wise"}, max_bits=2, sigma=-1.0)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_weight_is_an_error_naming_the_layer(bad):
+  params = _params()
+  params["Dense_0"]["kernel"] = params["Dense_0"]["kernel"].at[3, 2].set(bad)
+  with pytest.raises(ValueError, match=r"'Dense_0'.*non-finite.*\(3, 2\)"):
+    alq.init(params, {"Dense_.*": "channel-wise"}, max_bits=2, sigma=0.0)
+  # a float layer may hold anything: only the kernels being sketched are checked
+  q = alq.init(params, {"Conv_0": "kernel-wise"}, max_bits=2, sigma=0.0)
+  assert not alq.is_quantized(q["Dense_0"]["kernel"])
+
+
+def test_structures_follow_qjax_rules():
+  """re.search on the layer name, first match wins, 'default', one value for all layers."""
+  params = {f"Dense_{i}": {"kernel": jnp.ones((4, 2))} for i in (1, 10)}
+  params["Block_0"] = {"Dense_1": {"kernel": jnp.ones((4, 2))}}
+  assigned = sketch.assign_structures(params, {"Dense_1": "channel-wise"})
+  assert set(assigned) == {"Dense_1", "Dense_10", "Block_0/Dense_1"}  # re.search
+  assigned = sketch.assign_structures(params, {"^Dense_1$": "channel-wise",
+                                               "default": "subchannel-wise(2)"})
+  assert assigned == {"Dense_1": alq.channel_wise(), "Dense_10": alq.subchannel_wise(2),
+                      "Block_0/Dense_1": alq.subchannel_wise(2)}
+  assert set(sketch.assign_structures(params, "channel-wise")) == set(assigned)
+  with pytest.raises(ValueError, match=r"\['Dense_1\$'\] match no layer"):
+    sketch.assign_structures(params, [("Dense_1", "channel-wise"), ("Dense_1$", "kernel-wise")])
+  with pytest.raises(ValueError, match="structures\\['Dense'\\].*cannot parse"):
+    sketch.assign_structures(params, {"Dense": "rows"})
+
+
+def test_default_structures_select_the_same_layers_as_before():
+  """The pipeline's default rules pick exactly Conv_0, Conv_1, Dense_0, Dense_1 (as the former
+  re.fullmatch did), not e.g. Dense_10 or a nested Block_0/Conv_0."""
+  shapes = {"Conv_0": (5, 5, 1, 6), "Conv_1": (5, 5, 6, 16), "Dense_0": (16, 120),
+            "Dense_1": (120, 84), "Dense_10": (84, 10)}
+  params = {name: {"kernel": jnp.ones(shape)} for name, shape in shapes.items()}
+  params["Block_0"] = {"Conv_0": {"kernel": jnp.ones((5, 5, 1, 6))}}
+  structures = alq.default_config().structures
+  assigned = sketch.assign_structures(params, structures)
+  assert set(assigned) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}

@@ -1,10 +1,9 @@
-"""Tests for qjax.psgd (PSGD scaled gradient) and the small PSGD experiment driver."""
-import os
+"""Tests for qjax.psgd (PSGD scaled gradient) and the PSGD experiment's helpers (the experiment's
+rows and config are tested in test_experiments.py)."""
 
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -76,26 +75,65 @@ def test_per_layer_bits():
   for layer, b in (("Conv_0", 8), ("Dense_0", 2)):
     w = np.asarray(params[layer]["kernel"])
     np.testing.assert_allclose(s[layer]["kernel"], np.abs(w - _np_grid(w, b)), atol=1e-6)
-  assert psgd.per_layer_bits(lambda path: 8 if "Conv" in path else 3)("Conv_0/kernel") == 8
-  with pytest.raises(ValueError, match="Other_0/kernel"):
-    psgd.per_layer_bits({"Conv": 4})("Other_0/kernel")
+  # layer names are qjax.rules.path_name: the module path, without the trailing 'kernel'
+  names = ["Conv_0", "Conv_0/bias", "Dense_0", "Dense_1", "Dense_10"]
+  assert psgd.per_layer_bits(lambda name: 8 if "Conv" in name else 3, names) == {
+      "Conv_0": 8, "Conv_0/bias": 8, "Dense_0": 3, "Dense_1": 3, "Dense_10": 3}
+  assert psgd.per_layer_bits({"^Dense_1": 4, "default": 2}, names)["Dense_10"] == 4
+  assert psgd.per_layer_bits({"^Dense_1$": 4, "default": 2}, names)["Dense_10"] == 2
+  with pytest.raises(ValueError, match="'Other_0' matches no pattern"):
+    psgd.per_layer_bits({"Conv": 4}, ["Other_0"])
+  with pytest.raises(ValueError, match=r"\['Dense_7'\] match no layer"):
+    psgd.per_layer_bits({"Conv": 4, "Dense_7": 2, "default": 3}, names)
 
 
-@pytest.mark.parametrize("bits", [0, 17, -1, {"Conv": 0}])
+def test_unused_bits_pattern_is_an_error_at_init():
+  params = _params(3)
+  for tx in (psgd.psgd(0.1, {"Conv_0": 8, "Dense_9": 2, "default": 4}),
+             psgd.scale_by_position(psgd.uniform_targets({"Conv_0": 8, "Dense_9": 2}))):
+    with pytest.raises(ValueError, match="Dense_9"):
+      tx.init(params)
+
+
+@pytest.mark.parametrize("bits", [0, 1, 17, -1, {"Conv": 0}, {"Conv": 1}])
 def test_bits_out_of_range(bits):
-  with pytest.raises(ValueError, match="1..16"):
+  with pytest.raises(ValueError, match="2..16"):
     psgd.uniform_targets(bits)
-  with pytest.raises(ValueError, match="1..16"):
+  with pytest.raises(ValueError, match="2..16"):
     psgd.psgd(0.1, bits)
 
 
-def test_bad_bits_type_and_callable_bits_checked_at_update():
+def test_bad_bits_type_and_callable_bits_checked_at_init():
   with pytest.raises(TypeError, match="int"):
     psgd.uniform_targets(2.5)
   params = _params(4)
-  tx = psgd.psgd(0.1, lambda path: 20)
-  with pytest.raises(ValueError, match="Conv_0/kernel"):
-    tx.update(params, tx.init(params), params)
+  tx = psgd.psgd(0.1, lambda name: 20)
+  with pytest.raises(ValueError, match="'Conv_0'.*2..16"):
+    tx.init(params)
+  tx = psgd.scale_by_position(psgd.uniform_targets(lambda name: 1))
+  with pytest.raises(ValueError, match="'Conv_0/bias'.*2..16"):
+    tx.update(params, optax.EmptyState(), params)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: psgd.scale_by_position(psgd.uniform_targets(3)),
+    lambda: psgd.psgd(0.1, 3, weight_decay=1e-3),
+    lambda: optax.chain(psgd.scale_by_position(psgd.zero_targets()),
+                        optax.add_decayed_weights(1e-3), optax.sgd(0.1)),
+    lambda: optax.chain(psgd.psgd(0.1, {"Conv": 8, "default": 2}),
+                        optax.add_decayed_weights(1e-4)),
+])
+def test_extra_args_accepted(make):
+  """`tx.update(g, s, p, value=loss)` (as optax.chain members like linesearches pass it)."""
+  params, grads = _params(13), _params(14)
+  tx = make()
+  state = tx.init(params)
+  for jit in (False, True):
+    update = jax.jit(tx.update) if jit else tx.update
+    plain, _ = update(grads, state, params)
+    with_value, new_state = update(grads, state, params, value=jnp.float32(1.5))
+    chex.assert_trees_all_equal(with_value, plain)
+    chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
 
 
 def test_params_required():
@@ -264,43 +302,3 @@ def test_experiment_helpers():
   np.testing.assert_array_equal(pruned["Dense_1"]["kernel"], jnp.zeros(4))
   with pytest.raises(ValueError, match="scope"):
     psgd_experiment.prune_smallest(params, 0.5, scope="neuron")
-
-
-def test_experiment_rows_smoke():
-  """One short PSGD epoch per run through the runner's Context (tiny MLP stands in for LeNet5)."""
-  from qjax import main, models  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(128, 8, 8, 1)).astype(np.float32)
-  y = rng.integers(0, 10, size=128).astype(np.int32)
-  model = models.MLP(features=(32,))
-  variables = {"params": model.init(jax.random.key(0), x[:1])["params"]}
-  config = ml_collections.ConfigDict({"seed": 0, "batch_size": 32, "augment_shift": 0,
-                                      "psgd": psgd_experiment.default_config()})
-  config.psgd.update(bits=(2,), prune_sparsities=(0.5,), prune_scopes=("layer",))
-  for recipe in ("bits2", "prune"):
-    config.psgd.recipes[recipe].epochs = 1
-  ctx = main.Context(config=config, model=model, variables=variables,
-                     data={"train": (x, y), "test": (x, y)}, float_accuracy=10.0,
-                     key=jax.random.key(1), workdir="")
-  trained = {}
-  out = psgd_experiment.rows(ctx, trained)
-  assert [(r["method"], r["bits"]) for r in out] == [
-      ("sgd+rtn", 2), ("psgd+rtn", 2), ("psgd+gpfq", 2), ("sgd+prune", 32), ("psgd+prune", 32)]
-  assert set(trained) == {2, None}
-  for r in out:
-    assert {"accuracy", "drop", "seconds"} <= set(r)
-  assert out[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
-  assert psgd_experiment.gpfq_bits(variables["params"], 2, 8) == {
-      "^Dense_0$": 8, "^Dense_1$": 8, "default": 2}
-  with pytest.raises(ValueError, match="recipes.bits5"):
-    psgd_experiment.train_psgd(ctx, 5)
-
-
-def test_config_file_is_valid():
-  from qjax import main  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(__file__), "..", "configs", "mnist_lenet5_psgd.py")
-  config = main.load_config(path)
-  main.validate_config(config)
-  assert config.methods == ("psgd",)
-  for bits in config.psgd.bits:
-    assert f"bits{bits}" in config.psgd.recipes

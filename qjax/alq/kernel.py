@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from qjax.alq.structures import Structure, from_groups, to_groups
-from qjax.rounding import path_str
+from qjax import rules
 
 PyTree = Any
 
@@ -63,13 +63,10 @@ def map_quantized(fn: Callable[..., Any], other: Callable[..., Any], params: PyT
 
 
 def quantized_leaves(params: PyTree) -> list[tuple[str, QuantizedKernel]]:
-  """('Conv_0', QuantizedKernel) pairs in tree order; the name is the layer's module path."""
-  out = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_quantized):
-    if is_quantized(leaf):
-      name = path_str(path)
-      out.append((name[:-len("/kernel")] if name.endswith("/kernel") else name, leaf))
-  return out
+  """('Conv_0', QuantizedKernel) pairs in tree order; the name is `qjax.rules.path_name`."""
+  return [(rules.path_name(path), leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_quantized)
+          if is_quantized(leaf)]
 
 
 def group(kernel: jax.Array, q: QuantizedKernel) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The ALQ training driver (Appendix B.3, Alg. 5) and its configuration."""
+"""The ALQ training driver (Qu et al. 2020, Appendix B.3, Alg. 5) and its configuration."""
 from __future__ import annotations
 
 import dataclasses
@@ -30,9 +30,10 @@ def default_config() -> ml_collections.ConfigDict:
   Epoch counts are the paper's; experiments scale them down (see configs/).
   """
   c = ml_collections.ConfigDict()
-  # Layer module-path regex -> structure (Appendix A.2); first match wins, unmatched stay float.
-  c.structures = (("Conv_0", "kernel-wise"), ("Conv_1", "kernel-wise"),
-                  ("Dense_0", "subchannel-wise(2)"), ("Dense_1", "channel-wise"))
+  # Layer-name regex -> structure (Appendix A.2), the rules of qjax.rules (re.search, first
+  # match wins); unmatched kernels stay float. Anchored: exactly these four layers.
+  c.structures = (("^Conv_0$", "kernel-wise"), ("^Conv_1$", "kernel-wise"),
+                  ("^Dense_0$", "subchannel-wise(2)"), ("^Dense_1$", "channel-wise"))
   c.max_bits = 6  # I_max
   c.sigma = 0.0  # Alg. 1 stops adding bases at ||eps||^2 / ||w||^2 <= sigma
   c.batch_size = 128
@@ -67,9 +68,11 @@ class History:
 
 def _transform(name: str, lr: float) -> optax.GradientTransformationExtraArgs:
   """The named transform with its learning rate as a hyperparameter in the state (float32), so
-  one jitted step serves every epoch's decayed rate."""
-  return optax.inject_hyperparams(_TRANSFORMS[name], hyperparam_dtype=jnp.float32)(
-      learning_rate=lr)
+  one jitted step serves every epoch's decayed rate. b1, b2, eps stay Python floats (static):
+  as float32 arrays, 1 - b1 would round differently from the float64 1 - b1 the transforms
+  compute."""
+  return optax.inject_hyperparams(_TRANSFORMS[name], static_args=("b1", "b2", "eps"),
+                                  hyperparam_dtype=jnp.float32)(learning_rate=lr)
 
 
 def _step_fn(tx: optax.GradientTransformationExtraArgs, loss_fn: LossFn):

@@ -1,61 +1,86 @@
-"""ALQ initialization: structured sketching of pretrained weights (Appendix A.1, Alg. 1)."""
+"""ALQ initialization: structured sketching of pretrained weights (Qu et al. 2020, Appendix A.1,
+Alg. 1).
+
+References:
+  Qu, Zhou, Cheng & Thiele, `Adaptive Loss-aware Quantization for Multi-bit Networks
+  <https://arxiv.org/abs/1912.08883>`_, CVPR 2020.
+"""
 from __future__ import annotations
 
-import re
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import rules
 from qjax.alq.kernel import QuantizedKernel
 from qjax.alq.structures import Structure, as_structure, group_shape, to_groups
-from qjax.rounding import is_kernel, path_str
+from qjax.rounding import is_kernel
 
 PyTree = Any
-Structures = Mapping[str, Structure | str] | Sequence[tuple[str, Structure | str]]
+Structures = (Structure | str | Mapping[str, Structure | str]
+              | Sequence[tuple[str, Structure | str]])
 
 MAX_BITS_LIMIT = 12  # the basis step enumerates 2^I_max sign patterns per group
 
 
 def check_max_bits(max_bits: Any) -> int:
-  if isinstance(max_bits, bool) or not isinstance(max_bits, (int, np.integer)):
-    raise TypeError(f"max_bits must be an int, got {max_bits!r}")
-  if not 1 <= int(max_bits) <= MAX_BITS_LIMIT:
-    raise ValueError(f"max_bits must be in 1..{MAX_BITS_LIMIT} (the basis step enumerates "
-                     f"2^max_bits sign patterns), got {max_bits}")
-  return int(max_bits)
+  """I_max as an int in 1..MAX_BITS_LIMIT (the basis step enumerates 2^I_max sign patterns)."""
+  return rules.check_bits(max_bits, "max_bits", low=1, high=MAX_BITS_LIMIT)
+
+
+def _kernels(params: PyTree) -> dict[str, Any]:
+  """Layer name (`qjax.rules.path_name`, e.g. 'Conv_0') -> kernel, in tree order."""
+  return {rules.path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params) if is_kernel(path, leaf)}
+
+
+def _check_structure(value: Any, where: str) -> Structure:
+  try:
+    return as_structure(value)
+  except ValueError as e:
+    raise ValueError(f"{where}: {e}") from e
 
 
 def assign_structures(params: PyTree, structures: Structures) -> dict[str, Structure]:
-  """Module path of every kernel -> its structure; the first pattern (re.fullmatch) wins.
+  """Layer name of every kernel -> its structure, by the rules of `qjax.rules`.
 
-  Kernels matched by no pattern stay float. Raises ValueError for a pattern that matches no
-  kernel and for a structure that does not fit the layer it matched.
+  `structures` is one structure for every kernel, or {pattern: structure} (or a sequence of
+  (pattern, structure) pairs) tried in order with `re.search` on the layer name ('Conv_0',
+  'Block_1/Dense_0'); the first match wins and a 'default' entry serves the rest. Kernels that
+  match nothing (and no 'default') stay float. Anchor a pattern ('^Dense_1$') to select exactly
+  one layer: 'Dense_1' also matches 'Dense_10'.
+
+  Raises:
+    ValueError: a pattern that matches no kernel, an unparsable structure, or a structure that
+      does not fit the layer it matched (named).
   """
-  pairs = list(structures.items()) if isinstance(structures, Mapping) else list(structures)
-  if not pairs:
-    raise ValueError("structures is empty: give {module-path pattern: structure}")
-  parsed = [(pattern, re.compile(pattern), as_structure(s)) for pattern, s in pairs]
-  used = set()
+  if isinstance(structures, (str, Structure)):
+    table: Any = structures
+  else:
+    pairs = list(structures.items()) if isinstance(structures, Mapping) else list(structures)
+    if not pairs:
+      raise ValueError("structures is empty: give {layer pattern: structure}")
+    table = dict(pairs)
+  kernels = _kernels(params)
+  assigned = rules.resolve(table, kernels, what="structures", check_value=_check_structure,
+                           default=None)
   out = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    if not is_kernel(path, leaf):
-      continue
-    layer = path_str(path[:-1])
-    for pattern, regex, structure in parsed:
-      if regex.fullmatch(layer):
-        group_shape(structure, tuple(leaf.shape), layer)
-        out[layer] = structure
-        used.add(pattern)
-        break
-  unused = [p for p, _, _ in parsed if p not in used]
-  if unused:
-    layers = [path_str(p[:-1]) for p, l in jax.tree_util.tree_leaves_with_path(params)
-              if is_kernel(p, l)]
-    raise ValueError(f"structure pattern(s) {unused} match no kernel (or only kernels an earlier "
-                     f"pattern took); kernels are {layers}")
+  for layer, structure in assigned.items():
+    if structure is not None:
+      group_shape(structure, tuple(kernels[layer].shape), layer)
+      out[layer] = structure
   return out
+
+
+def _check_finite(w: Any, layer: str) -> None:
+  """Sketching a NaN or inf silently zeroes its group; refuse it, naming the layer."""
+  bad = ~np.isfinite(np.asarray(w))
+  if np.any(bad):
+    raise ValueError(f"layer {layer!r}: kernel has {int(np.sum(bad))} non-finite weight(s) "
+                     f"(NaN or inf), first at index {tuple(int(i) for i in np.argwhere(bad)[0])}; "
+                     f"ALQ cannot sketch them")
 
 
 def _least_squares(w: np.ndarray, B: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -106,8 +131,8 @@ def sketch_groups(w: Any, *, max_bits: int, sigma: float
 def init(params: PyTree, structures: Structures, *, max_bits: int, sigma: float) -> PyTree:
   """ALQ initialization by structured sketching (Appendix A.1, Alg. 1).
 
-  Every kernel whose module path (e.g. 'Conv_0', 'Block_1/Dense_0') fully matches a pattern of
-  `structures` is cut into groups (Appendix A.2) and each group w_g is greedily sketched:
+  Every kernel whose layer name (`qjax.rules.path_name`: 'Conv_0', 'Block_1/Dense_0') a rule of
+  `structures` selects is cut into groups (Appendix A.2) and each group w_g is greedily sketched:
   eps = w_g; repeat  beta_i = sign(eps),  B_g = [B_g, beta_i],  alpha_g = (B^T B)^{-1} B^T w_g,
   eps = w_g - B_g alpha_g;  while ||eps||^2 / ||w_g||^2 > sigma and i < max_bits. Each new basis
   is outside the span of the previous ones (Thm. A.1), so B_g^T B_g stays invertible and the
@@ -115,23 +140,34 @@ def init(params: PyTree, structures: Structures, *, max_bits: int, sigma: float)
 
   Args:
     params: float parameters (e.g. flax `params`); kernels are leaves named `kernel`.
-    structures: {module-path regex: structure}, e.g. {'Conv_.*': 'kernel-wise',
-      'Dense_0': 'subchannel-wise(2)'}; first match wins, unmatched kernels stay float.
+    structures: one structure for every kernel, or {layer regex: structure} (`re.search`, first
+      match wins, optional 'default'), e.g. {'^Conv_': 'kernel-wise',
+      '^Dense_0$': 'subchannel-wise(2)'}; unmatched kernels stay float (`assign_structures`).
     max_bits: I_max, the number of slots per group (>= 1).
     sigma: residual threshold on the relative squared residual (>= 0).
 
   Returns:
     params with each matched kernel replaced by a QuantizedKernel (alphas made positive).
+
+  Raises:
+    ValueError: a selected kernel with a NaN or inf weight (named), bad `max_bits` / `sigma`, and
+      what `assign_structures` raises.
+
+  References:
+    Qu et al. 2020, Appendix A.1-A.2, Alg. 1, Thm. A.1.
   """
   max_bits = check_max_bits(max_bits)
   if not np.isfinite(sigma) or sigma < 0:
     raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
   assigned = assign_structures(params, structures)
+  for layer, w in _kernels(params).items():
+    if layer in assigned:
+      _check_finite(w, layer)
 
   def leaf(path, x):
     if not is_kernel(path, x):
       return x
-    layer = path_str(path[:-1])
+    layer = rules.path_name(path)
     if layer not in assigned:
       return x
     structure = assigned[layer]
