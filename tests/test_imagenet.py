@@ -2,10 +2,10 @@
 the GPFQ paper's ImageNet experiment in smoke mode."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import flax.linen as nn
 import jax
@@ -139,54 +139,34 @@ def test_missing_dataset_says_how_to_prepare_it(tmp_path):
 
 
 def test_evaluate_shards_over_local_devices():
-  """4 host CPU devices (own process: the count is fixed at start) give the same counts."""
-  script = textwrap.dedent("""
-      import os
-      os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-      import jax, jax.numpy as jnp, flax.linen as nn, tensorflow_datasets as tfds
-      from qjax import imagenet
-      assert jax.local_device_count() == 4
-      class M(nn.Module):
-        @nn.compact
-        def __call__(self, x, train=False):
-          return nn.Dense(1000)(jnp.mean(x, axis=(1, 2)))
-      m = M()
-      v = m.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-      with tfds.testing.mock_data(num_examples=9):
-        s = imagenet.data_source("validation")
-        a = imagenet.evaluate(m.apply, v, s, batch_size=6, resize=36, crop=32, apply_kwargs={})
-        b = imagenet.evaluate(m.apply, v, s, batch_size=9, resize=36, crop=32, apply_kwargs={})
-      print(a["count"], a["top1"], a["top5"], b["top1"], b["top5"])
-      assert a == b, (a, b)
-  """)
-  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                        check=False, cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert proc.returncode == 0, proc.stderr[-2000:]
+  """tests/conftest.py gives 8 host CPU devices: batches are split over them (the batch size is
+  rounded up to a multiple of 8) and the counts equal one big batch's."""
+  assert jax.local_device_count() == 8
+  model = _Tiny()
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 32, 32, 3)), train=False)
+  with tfds.testing.mock_data(num_examples=11):
+    source = imagenet.data_source("validation")
+    a = imagenet.evaluate(model.apply, variables, source, batch_size=6, resize=36, crop=32)
+    b = imagenet.evaluate(model.apply, variables, source, batch_size=16, resize=36, crop=32)
+    want = _reference_counts(model, variables, source, 11, 36, 32)
+  assert a == b
+  np.testing.assert_allclose((a["top1"], a["top5"]), want)
 
 
-def _smoke_config(**smoke):
+def test_smoke_experiment_float_rows_and_plot(tmp_path):
+  """The smoke path without the quantizers (they run in the slow CLI test): mock data, random
+  weights, calibration draw, evaluation, rows with the paper's columns, and the plot."""
   config = experiment.default_config()
   config.smoke = True
-  config.smoke_settings.update(smoke)
-  return config
-
-
-@pytest.mark.slow
-def test_smoke_experiment_msq_end_to_end(tmp_path):
-  """Mock ImageNet, random ResNet-18, MSQ only (the GPFQ rows run in the CLI test). Slow: the
-  quantizer's per-layer compiles alone take 40-70 s on the shared 2-core CI machine."""
-  rows = experiment.run(_smoke_config(methods=("msq",), examples=8, eval_examples=8, m=4),
-                        str(tmp_path))
-  assert [(r["method"], r["bits"]) for r in rows] == [("float", 32), ("msq", 4)]
-  for r in rows:
-    for col in ("model", "bits", "C", "m", "p", "top1", "top5", "top1_float", "top5_float",
-                "drop", "drop5", "seconds"):
-      assert col in r, col
-    assert r["model"] == "resnet18" and r["C"] == 1.16 and r["m"] == 4
-    assert r["drop"] == pytest.approx(r["top1_float"] - r["top1"], abs=0.011)
-  assert rows[0]["paper_top1"] == 69.76
-  experiment.plot(rows, str(tmp_path / "plot.png"))
-  assert os.path.getsize(tmp_path / "plot.png") > 0
+  config.smoke_settings.update(methods=(), examples=8, eval_examples=8)
+  rows = experiment.run(config, str(tmp_path))
+  assert len(rows) == 1
+  r = rows[0]
+  assert (r["method"], r["model"], r["bits"], r["C"], r["m"], r["p"]) == (
+      "float", "resnet18", 32, 1.16, 8, 0.25)
+  assert r["top1"] == r["top1_float"] and r["drop"] == 0.0 and r["paper_top1"] == 69.76
+  experiment.plot(rows + [dict(r, method="gpfq", bits=4, top1=0.0)], str(tmp_path / "p.png"))
+  assert os.path.getsize(tmp_path / "p.png") > 0
 
 
 def test_config_has_the_papers_settings():
@@ -213,6 +193,10 @@ def test_config_has_the_papers_settings():
   with pytest.raises(ValueError, match="unknown torchvision model 'resnet19'"):
     experiment.validate(config)
   config.models = ("resnet18",)
+  config.calibration_batch = 300
+  with pytest.raises(ValueError, match=r"calibration_batch \(300\) must divide"):
+    experiment.validate(config)
+  config.calibration_batch = 256
   config.methods = ("gptq",)
   with pytest.raises(ValueError, match="config.methods: unknown method 'gptq'"):
     experiment.validate(config)
@@ -220,15 +204,26 @@ def test_config_has_the_papers_settings():
 
 @pytest.mark.slow
 def test_smoke_config_runs_from_the_command_line(tmp_path):
-  """`python -m qjax --config configs/imagenet_gpfq.py --config.smoke=True`: GPFQ, MSQ and the
-  dagger variant on mock ImageNet, table and plot written."""
+  """`python -m qjax --config configs/imagenet_gpfq.py --config.smoke=True`: mock ImageNet,
+  random ResNet-18, float + GPFQ + MSQ + dagger rows with the paper's columns, table and plot.
+  Slow: the quantizers' per-layer compiles take minutes on the shared 2-core CI machine."""
   proc = subprocess.run(
       [sys.executable, "-m", "qjax", "--config", os.path.join(ROOT, "configs",
                                                              "imagenet_gpfq.py"),
        "--config.smoke=True", "--workdir", str(tmp_path)],
       capture_output=True, text=True, check=False, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  table = (tmp_path / "results.txt").read_text()
-  for method in ("float", "gpfq", "msq", "gpfq_lastfloat_bc"):
-    assert method in table
-  assert (tmp_path / "accuracy_vs_bits.png").exists()
+  with open(tmp_path / "results.json") as f:
+    rows = json.load(f)["rows"]
+  assert [(r["method"], r["bits"]) for r in rows] == [
+      ("float", 32), ("gpfq", 4), ("msq", 4), ("gpfq_lastfloat_bc", 4)]
+  for r in rows:
+    for col in ("model", "bits", "C", "m", "p", "top1", "top5", "top1_float", "top5_float",
+                "drop", "drop5", "seconds"):
+      assert col in r, col
+    assert r["model"] == "resnet18" and r["C"] == 1.16 and r["m"] == 8
+    assert r["drop"] == pytest.approx(r["top1_float"] - r["top1"], abs=0.011)
+    assert 0.0 <= r["top1"] <= r["top5"] <= 100.0
+  assert [r["paper_top1"] for r in rows] == [69.76, 68.13, "", 68.51]
+  assert "gpfq_lastfloat_bc" in (tmp_path / "results.txt").read_text()
+  assert os.path.getsize(tmp_path / "accuracy_vs_bits.png") > 0

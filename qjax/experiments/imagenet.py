@@ -21,7 +21,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 import qjax
 from qjax import imagenet
@@ -85,6 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.calibration_split = "train"
   c.eval_split = "validation"
   c.eval_examples = 0             # 0: the whole split (50,000)
+  # The m calibration images go to qjax.gpfq in chunks of this many (0: one batch). Results are
+  # the same up to the conv patch draws; device memory holds one chunk's activations at a time.
+  c.calibration_batch = 256
   c.batch_size = 250              # evaluation batch, split over the local devices
   c.threads = 16                  # host preprocessing threads
   c.seed = 0                      # calibration draw and patch sampling
@@ -93,8 +95,8 @@ def default_config() -> ml_collections.ConfigDict:
       {full[len("tv_"):]: model_settings(full[len("tv_"):]) for full in tv.TORCHVISION_MODELS})
   # What `smoke=True` changes: mock data, random weights, tiny sizes.
   c.smoke_settings = ml_collections.ConfigDict(dict(
-      models=("resnet18",), bits=(4,), m=8, examples=16, eval_examples=16, batch_size=8,
-      resize=73, crop=64, methods=METHODS))
+      models=("resnet18",), bits=(4,), m=8, calibration_batch=4, examples=16, eval_examples=16,
+      batch_size=8, resize=73, crop=64, methods=METHODS))
   return c
 
 
@@ -110,6 +112,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for b in (config.smoke_settings.bits if smoke else s.bits):
       if not isinstance(b, int) or b < 1:
         raise ValueError(f"config.settings.{name}.bits: bits must be positive ints, got {b!r}")
+    m = config.smoke_settings.m if smoke else s.m
+    chunk = config.smoke_settings.calibration_batch if smoke else config.calibration_batch
+    if chunk and m % chunk and m > chunk:
+      raise ValueError(f"config.calibration_batch ({chunk}) must divide config.settings.{name}.m "
+                       f"({m}): qjax.gpfq takes equally shaped calibration chunks")
     if not 0 < s.p <= 1:
       raise ValueError(f"config.settings.{name}.p must be in (0, 1], got {s.p}")
     if s.interpolation not in imagenet.INTERPOLATIONS:
@@ -124,11 +131,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                      "--config.smoke=True runs on random weights and mock data")
 
 
-def _variables(config, name: str, model, size: int) -> dict:
+def _variables(config, name: str, size: int) -> dict:
   """Converted torchvision weights from config.weights_dir, or (smoke) a random init."""
   if config.smoke and not config.weights_dir:
-    x = np.zeros((1, size, size, 3), np.float32)
-    return jax.jit(lambda k: model.init(k, x, train=False))(jax.random.key(config.seed))
+    # Random weights in torchvision's layout, through the converter like real ones.
+    return tv.from_torchvision(name, tv.random_state_dict(name, config.seed, size), size)
   for ext in (".safetensors", ".pth"):
     path = os.path.join(config.weights_dir, name + ext)
     if os.path.exists(path):
@@ -156,7 +163,7 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
   n_eval = config.smoke_settings.eval_examples if smoke else (config.eval_examples or None)
   batch_size = config.smoke_settings.batch_size if smoke else config.batch_size
   model = models.get_model(tv.registry_name(name), num_classes=1000)
-  variables = _variables(config, name, model, crop)
+  variables = _variables(config, name, crop)
   prep = dict(resize=resize, crop=crop, interpolation=s.interpolation, threads=config.threads)
 
   def evaluate(v) -> tuple[dict, float]:
@@ -175,6 +182,9 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
   print(f"{name}: float top-1 {float_acc['top1']:.2f} top-5 {float_acc['top5']:.2f} "
         f"({float_acc['count']} images, {float_seconds:.0f} s)")
   x_calib = imagenet.calibration_batch(calib_source, int(m), seed=config.seed, **prep)
+  chunk = config.smoke_settings.calibration_batch if smoke else config.calibration_batch
+  if chunk and chunk < m:
+    x_calib = [x_calib[i:i + chunk] for i in range(0, int(m), int(chunk))]
   for bits in bits_list:
     for method in methods:
       start = time.perf_counter()

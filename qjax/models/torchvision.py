@@ -434,6 +434,29 @@ def _expected_shapes(name: str, image_size: int) -> tuple:
   return tuple(entries)
 
 
+def random_state_dict(name: str, seed: int = 0, image_size: int = 224) -> dict[str, np.ndarray]:
+  """A torchvision-layout state_dict with random weights, built with NumPy (no torch, no compile).
+
+  Conv and Linear weights are He-normal (std sqrt(2 / fan_in)), biases 0; BatchNorm weight 1,
+  bias 0, running mean 0, running var 1, num_batches_tracked 0: a well-scaled stand-in for the
+  pretrained weights (smoke runs, tests of the converter).
+  """
+  rng = np.random.default_rng(seed)
+  out = {}
+  for key, (_, _, leaf, shape) in expected_shapes(name, image_size).items():
+    if leaf == "kernel":
+      torch_shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+      fan_in = math.prod(torch_shape[1:])
+      out[key] = rng.standard_normal(torch_shape, np.float32) * np.float32(np.sqrt(2 / fan_in))
+    elif leaf in ("scale", "var"):
+      out[key] = np.ones(shape, np.float32)
+    else:
+      out[key] = np.zeros(shape, np.float32)
+    if leaf == "var":
+      out[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
+  return out
+
+
 def _to_numpy(value: Any, key: str) -> np.ndarray:
   if hasattr(value, "detach"):  # a torch tensor, without importing torch
     value = value.detach().cpu()
@@ -552,5 +575,5 @@ def _architecture_hint(full: str, state_dict: Mapping[str, Any], expected: Mappi
 
 
 __all__ = ["AlexNet", "VGG", "TorchResNet", "GoogLeNet", "EfficientNet", "TORCHVISION_MODELS",
-           "from_torchvision", "load_state_dict", "expected_shapes", "torch_key", "max_pool",
-           "adaptive_avg_pool"]
+           "from_torchvision", "load_state_dict", "random_state_dict", "expected_shapes",
+           "torch_key", "max_pool", "adaptive_avg_pool"]
