@@ -122,17 +122,21 @@ def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, max
     s0 = k * B
     W1 = jax.lax.dynamic_slice_in_dim(Wc, s0, B)
     U1 = jax.lax.dynamic_slice(Up, (s0, s0), (B, B))
+    U1T = U1.T  # U1T[i, j] = U[s0 + j, s0 + i]: what row i received from row j of the block
 
     def column(c, i):
-      W1, Err, scale, zero = c
+      Err, scale, zero = c
       t = s0 + i
       if dynamic:
         g = group
         valid = (t + jnp.arange(g) < N0)[:, None]
         # Rows t..t+g-1 with every earlier input's update: inside this block (B a multiple of
         # g) or, for g > B, at a block start where the lazily updated Wc is current.
-        src = (lambda: jax.lax.dynamic_slice_in_dim(W1, i, g)) if g <= B else (
-            lambda: jax.lax.dynamic_slice_in_dim(Wc, s0, g))
+        if g <= B:
+          src = lambda: (jax.lax.dynamic_slice_in_dim(W1, i, g)  # noqa: E731
+                         - _tmm(jax.lax.dynamic_slice_in_dim(U1, i, g, axis=1), Err))
+        else:
+          src = lambda: jax.lax.dynamic_slice_in_dim(Wc, s0, g)  # noqa: E731
 
         def refit(sz):
           sc, zr = sz
@@ -141,14 +145,15 @@ def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, max
 
         scale, zero = jax.lax.cond((t % g == 0) & (t < N0), refit, lambda sz: sz, (scale, zero))
       r = rows[t]
-      w = W1[i]
+      # Row i as updated by the block's earlier rows (Err rows >= i are still zero): one
+      # (B,) x (B, N1) product per column instead of a rank-1 update of the whole block.
+      w = W1[i] - jnp.matmul(U1T[i], Err, precision=_HIGHEST)
       q = round_row(w, scale[r], zero[r])
       err = (w - q) / U1[i, i]
-      W1 = W1 - U1[i][:, None] * err[None, :]
-      return (W1, Err.at[i].set(err), scale, zero), q
+      return (Err.at[i].set(err), scale, zero), q
 
-    (_, Err, scale, zero), Q1 = jax.lax.scan(column, (W1, jnp.zeros_like(W1), scale, zero),
-                                             jnp.arange(B))
+    (Err, scale, zero), Q1 = jax.lax.scan(column, (jnp.zeros_like(W1), scale, zero),
+                                          jnp.arange(B))
     # Lazy update of every later row with the block's errors (rows before the block see
     # U[block, j] = 0; this block's own rows are already quantized).
     Wc = Wc - _tmm(jax.lax.dynamic_slice_in_dim(Up, s0, B), Err)
