@@ -339,7 +339,7 @@ def prepare(params: PyTree, apply_fn: Callable, batch: Any,
   check_finite(params, batches)
   fn = functools.partial(apply_fn, **apply_kwargs) if apply_kwargs else apply_fn
   try:
-    program = program_lib.trace(fn, params, batches[0])
+    traced = program_lib.make_jaxpr(fn, params, batches[0])
   except (TypeError, ValueError, IndexError, AttributeError, KeyError,
           flax.errors.FlaxError) as e:
     shape = jax.tree_util.tree_map(np.shape, batches[0])
@@ -352,6 +352,7 @@ def prepare(params: PyTree, apply_fn: Callable, batch: Any,
         f"not): apply_fn(params, batch, **{apply_kwargs}) raised {type(e).__name__}: {e}\n"
         "Pass exactly the input the model takes (e.g. (B, 28, 28, 1) images for LeNet5) and "
         f"keyword arguments via apply_kwargs.{hint}") from e
+  program = program_lib.trace(fn, params, batches[0], traced)
   if not program.stops:
     used = _used_leaves(program)
     if not used:
