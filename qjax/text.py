@@ -171,9 +171,9 @@ def bytelm_config() -> ml_collections.ConfigDict:
   c.tied_embeddings = True
   c.seq_len = 128
   c.batch_size = 32
-  c.steps = 1500
+  c.steps = 500
   c.learning_rate = 3e-3
-  c.warmup_steps = 100
+  c.warmup_steps = 50
   c.weight_decay = 0.01
   c.seed = 0
   c.eval_batch_size = 64

@@ -64,8 +64,8 @@ def test_training_reduces_loss_and_caches(tmp_path):
   assert again.losses == [] and again.seconds == 0.0
   chex.assert_trees_all_equal(again.params, lm.params)
   # Another recipe, another file.
-  assert (text.bytelm_config_hash(lm.config)
-          != text.bytelm_config_hash(ml_collections.ConfigDict({**lm.config.to_dict(), "steps": 2})))
+  other = ml_collections.ConfigDict({**lm.config.to_dict(), "steps": 2})
+  assert text.bytelm_config_hash(lm.config) != text.bytelm_config_hash(other)
 
 
 def test_bits_per_byte_of_the_model_against_numpy():
@@ -87,3 +87,75 @@ def test_config_errors():
     text.train_bytelm(ml_collections.ConfigDict({"layers": 2}))
   with pytest.raises(ValueError, match="seq_len"):
     text.train_bytelm(ml_collections.ConfigDict({"seq_len": 64, "max_len": 32}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment (qjax.experiments.transformers.run_bytelm) on a tiny model.
+
+
+def _run_tiny(tmp_path, methods):
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.bytelm_task_config()
+  config.bytelm.update(dict(TINY, seq_len=16, batch_size=8, steps=20, warmup_steps=5))
+  config.methods = methods
+  config.bits = (8, 2)
+  config.calibration_size = 8
+  rows = transformers.run_bytelm(config, str(tmp_path))
+  by = {(r["method"], r["bits"]): r for r in rows}
+  assert set(by) == {("float", 32)} | {(m, b) for m in methods for b in (8, 2)}
+  f = by[("float", 32)]
+  assert f["bits_per_byte"] < 8.0 and 4.5 < f["unigram_bits_per_byte"] < 5.0  # 8 = uniform
+  for m in methods:
+    assert abs(by[(m, 8)]["increase"]) < 0.05           # 8 bits: almost float
+    assert by[(m, 2)]["increase"] > by[(m, 8)]["increase"]
+  return rows
+
+
+def test_run_bytelm_tiny(tmp_path):
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  rows = _run_tiny(tmp_path, ("rtn", "rtn-channel"))
+  transformers.plot_bytelm(rows, str(tmp_path / "p.png"))
+  assert (tmp_path / "p.png").exists()
+
+
+@pytest.mark.slow
+def test_run_bytelm_tiny_gpfq_msq(tmp_path):
+  _run_tiny(tmp_path, ("gpfq", "msq"))
+
+
+def test_per_channel_rtn_against_numpy():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  w = rng.normal(size=(6, 5)).astype(np.float32)
+  attn = rng.normal(size=(6, 2, 3)).astype(np.float32)
+  out = rng.normal(size=(2, 3, 6)).astype(np.float32)
+  params = {"d": {"kernel": w, "bias": np.ones(5, np.float32)},
+            "attn": {"query": {"kernel": attn}, "out": {"kernel": out}}}
+  q = transformers.per_channel_rtn(params, 3)
+
+  def ref(m):  # symmetric 3-bit grid per column: scale = max|w| / 3, codes -4..3
+    s = np.abs(m).max(0) / 3
+    return np.clip(np.round(m / s), -4, 3) * s
+
+  np.testing.assert_allclose(q["d"]["kernel"], ref(w), rtol=1e-6)
+  np.testing.assert_array_equal(q["d"]["bias"], params["d"]["bias"])
+  np.testing.assert_allclose(q["attn"]["query"]["kernel"],
+                             ref(attn.reshape(6, 6)).reshape(6, 2, 3), rtol=1e-6)
+  np.testing.assert_allclose(q["attn"]["out"]["kernel"],
+                             ref(out.reshape(6, 6)).reshape(2, 3, 6), rtol=1e-6)
+  for leaf in jax.tree_util.tree_leaves(q):
+    assert leaf.dtype == np.float32
+  with pytest.raises(ValueError, match="bits must be in 2..16"):
+    transformers.per_channel_rtn(params, 1)
+
+
+def test_transformers_config_validation():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.bytelm_task_config()
+  config.methods = ("rtn", "gptq-typo")
+  with pytest.raises(ValueError, match="unknown method 'gptq-typo'"):
+    transformers.validate(config)
+  config = transformers.bytelm_task_config()
+  config.bytelm.unknown = 1
+  with pytest.raises(ValueError, match=r"config.bytelm: unknown keys \['unknown'\]"):
+    transformers.validate(config)

@@ -286,6 +286,62 @@ class BertEncoderTest(chex.TestCase):
 
 
 def test_bucket_length():
-  assert [pretrained.bucket_length(n, 256) for n in (1, 16, 17, 200, 256, 300)] == [
-      16, 16, 32, 256, 256, 256]
+  assert [pretrained.bucket_length(n, 256) for n in (1, 16, 17, 64, 65, 200, 256, 300)] == [
+      16, 16, 32, 64, 96, 224, 256, 256]
   assert pretrained.bucket_length(3, 8) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# The experiment's metrics and calibration (qjax.experiments.transformers).
+
+
+def test_spearman_and_neighbour_metrics():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  a, b = rng.normal(size=50), rng.normal(size=50)
+  ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+  assert transformers.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-12)
+  assert transformers.spearman(a, np.exp(a)) == pytest.approx(1.0)  # monotone: rho = 1
+  emb = rng.normal(size=(40, 8)).astype(np.float32)
+  emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+  same = transformers.embedding_metrics(emb, emb, 5)
+  assert same == {"cosine": 1.0, "recall@5": 1.0, "spearman": 1.0}
+  nb = transformers.nearest(emb, 5)
+  sim = emb @ emb.T
+  for i in range(40):  # a brute-force loop: the 5 largest similarities to other rows
+    want = sorted((j for j in range(40) if j != i), key=lambda j: -sim[i, j])[:5]
+    assert set(nb[i]) == set(want)
+  noisy = emb + 0.3 * rng.normal(size=emb.shape).astype(np.float32)
+  m = transformers.embedding_metrics(emb, noisy, 5)
+  assert 0 < m["recall@5"] < 1 and 0 < m["spearman"] < 1 and 0 < m["cosine"] < 1
+
+
+def test_pack_calibration(enc):
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  sentences = [p[0] for p in PARAPHRASES]
+  batch = transformers.pack_calibration(enc, sentences, 3, 10)
+  ids = batch["input_ids"]
+  assert ids.shape == (3, 10) and ids.dtype == np.int32 and batch["attention_mask"].all()
+  assert (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all()
+  stream = [t for e in enc.tokenizer.encode_batch(sentences, add_special_tokens=False)
+            for t in e.ids]
+  np.testing.assert_array_equal(ids[:, 1:-1].ravel(), stream[:24])
+  with pytest.raises(ValueError, match="need 800 tokens"):
+    transformers.pack_calibration(enc, sentences, 100, 10)
+
+
+@pytest.mark.slow
+def test_run_minilm_small(tmp_path):
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  config = transformers.minilm_config()
+  config.weights = _weights()
+  config.methods = ("rtn-channel", "gpfq", "msq")
+  config.bits = (8, 3)
+  config.calibration_size = 32
+  config.eval_sentences = 200
+  rows = transformers.run_minilm(config, str(tmp_path))
+  by = {(r["method"], r["bits"]): r for r in rows}
+  assert by[("float", 32)]["cosine"] == 1.0
+  for m in config.methods:
+    assert by[(m, 8)]["cosine"] > 0.99 and by[(m, 8)]["recall@10"] > 0.8
+    assert by[(m, 3)]["cosine"] < by[(m, 8)]["cosine"]

@@ -4,7 +4,8 @@
   hidden = model.apply({'params': params}, input_ids, attention_mask)   # (n, L, hidden) float32
   emb = mean_pool_normalize(hidden, attention_mask)      # sentence embeddings, unit L2 norm
 
-Post-LN blocks as in the original BERT: x = LN(x + Dense(Attn(x))), x = LN(x + Dense(GELU(Dense x))).
+Post-LN blocks as in the original BERT: x = LN(x + Dense(Attn(x))), then
+x = LN(x + Dense(GELU(Dense(x)))).
 The query/key/value/output projections are separate `nn.Dense` layers (not DenseGeneral), so
 every weight matrix is a plain (in, out) kernel that a Dense-level quantizer can reach. GELU is
 the exact erf form and LayerNorm eps 1e-12, as in the checkpoint's config.json. Sentence

