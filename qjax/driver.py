@@ -54,7 +54,9 @@ used them.
 
 Calibration data is one batch (an array or any pytree of arrays, examples on the leading axis)
 or a `list` / iterator of equally shaped batches; at each stop the quantizer sees one chunk per
-batch.
+batch. All batches advance together (a stop needs every batch's X), so the memory held between
+stops is the live activations of every batch in both streams; the compute is still two forward
+passes per batch.
 """
 from __future__ import annotations
 
@@ -132,7 +134,8 @@ class Report:
     seconds: total wall time.
     forward_passes: program evaluations run (a stream over one calibration batch counts one).
     quantizer_seconds: wall time inside the per-layer quantizers (the rest is forward passes,
-      data matrices and bookkeeping).
+      data matrices, the `error` diagnostics and bookkeeping).
+    error_seconds: wall time of the driver's `error` diagnostics (two products per layer).
     other_params: (name, reason) of parameters that are not a weight op's weight or bias.
   """
   method: str
@@ -144,6 +147,7 @@ class Report:
   seconds: float = 0.0
   forward_passes: int = 0
   quantizer_seconds: float = 0.0
+  error_seconds: float = 0.0
   other_params: tuple[tuple[str, str], ...] = ()
 
   def __str__(self) -> str:
@@ -176,8 +180,9 @@ def format_report(report: Report) -> str:
         f"{c:g}: {loss:.4g}" for c, loss in report.C_search))
   if report.bias_shift is not None:
     lines.append(f"bias correction on the last layer: ||shift|| = {report.bias_shift:.4g}")
-  lines.append(f"total {report.seconds:.2f} s ({report.quantizer_seconds:.2f} s in quantizers), "
-               f"{report.forward_passes} forward passes")
+  lines.append(f"total {report.seconds:.2f} s ({report.quantizer_seconds:.2f} s in quantizers, "
+               f"{report.error_seconds:.2f} s in error diagnostics), {report.forward_passes} "
+               "forward passes")
   return "\n".join(lines)
 
 
@@ -505,6 +510,7 @@ class _Lockstep:
     self.stack: list[tuple] = []
     self.records: dict[int, LayerRecord] = {}
     self.quantizer_seconds = 0.0
+    self.error_seconds = 0.0
     self.bias_shift = None
     self.progress = progress
     self.bias_stop = None
@@ -677,7 +683,9 @@ class _Lockstep:
       Q_op = program_lib.matrix_to_weight(Q, layout).astype(W_op.dtype)
       self.store[op.leaf] = program_lib.write_back(self.store[op.leaf], op.prov, Q_op)
       self.refresh(op.leaf)
+      t0 = time.perf_counter()
       error = info.error(Q)
+      self.error_seconds += time.perf_counter() - t0
       fields = dict(status="quantized", bits=step.bits, rows=rows, error=error)
       fields.update(extras)
       self.records[op.index] = LayerRecord(**base, **fields,
@@ -756,7 +764,7 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
   report = Report(method=method, rule=None, C=None, layers=tuple(records),
                   bias_shift=lock.bias_shift, seconds=time.perf_counter() - start,
                   forward_passes=2 * len(prep.batches),
-                  quantizer_seconds=lock.quantizer_seconds,
+                  quantizer_seconds=lock.quantizer_seconds, error_seconds=lock.error_seconds,
                   other_params=_other_params(prep.program))
   return params_out(prep, lock.store), report
 

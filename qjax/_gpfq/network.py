@@ -194,6 +194,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *, b
   report = Report(method=quantizer, rule=rule, C=C, layers=report.layers, C_search=search,
                   bias_shift=report.bias_shift, seconds=time.perf_counter() - start,
                   forward_passes=passes, quantizer_seconds=report.quantizer_seconds,
+                  error_seconds=report.error_seconds,
                   other_params=report.other_params)
   return q_params, report
 
