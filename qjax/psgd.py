@@ -79,7 +79,7 @@ class UniformTargets:
 
 
 def uniform_targets(bits: BitsSpec) -> UniformTargets:
-  """Nearest level of the per-tensor grid Δ·{-(2^(b-1)-1), …, 2^(b-1)-1}, Δ = absmax/(2^(b-1)-1).
+  """Nearest level of the per-tensor grid Δ·{-(2^(b-1)-1), …, 2^(b-1)-1}, Δ = max|w|/(2^(b-1)-1).
 
   The same grid `qjax.quantize_uniform` rounds to; `bits` may differ per layer (one int, a
   callable on the layer name, or `qjax.rules` {regex: bits}; see `per_layer_bits`), each in

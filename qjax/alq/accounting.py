@@ -1,4 +1,5 @@
-"""Bitwidth, storage and compression of ALQ-quantized parameters (Appendix A.2, Eq. 28)."""
+"""Bitwidth, storage and compression of ALQ-quantized parameters (Qu et al. 2020, Appendix A.2,
+Eq. (28))."""
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,7 @@ def report(params: PyTree) -> dict[str, Any]:
 
   A layer of N weights in G groups of n has average bitwidth I = (live alphas) / G and stores
   I N bits of bases plus I (N / n) 32-bit coordinates, so its compression rate against float32 is
-  r_s = 32 N / (I N + 32 I N / n) (Eq. 28). The network's bitwidth is the layers' weighted by
+  r_s = 32 N / (I N + 32 I N / n) (Eq. (28)). The network's bitwidth is the layers' weighted by
   weight count; its storage and compression sum over quantized layers. `float_bytes` counts the
   parameters left in float32 (biases, unquantized layers), not included in `storage_bytes`.
 

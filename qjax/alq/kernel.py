@@ -1,4 +1,5 @@
-"""The quantized kernel pytree w_g = B_g alpha_g and its reconstruction in Flax layout."""
+"""The quantized kernel pytree w_g = B_g alpha_g of ALQ (Qu et al. 2020) and its reconstruction in
+Flax layout."""
 from __future__ import annotations
 
 from typing import Any, Callable

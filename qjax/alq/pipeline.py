@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.batch_size = 128
   c.init_epochs = 0  # basis epochs right after init, to recover from the sketching error
   c.rounds = 4  # R
-  # Fraction of live alphas removed per round (Eq. 30). The paper's LeNet5 'pruning ratio 80%',
+  # Fraction of live alphas removed per round (Eq. (30)). The paper's LeNet5 'pruning ratio 80%',
   # read this way, leaves 6 * 0.2^4 ~ 0.01 bits after 4 rounds, far below its reported 0.40.
   c.prune_ratio = 0.8
   c.top_k = 0.005  # fraction of a layer's slots it proposes per pruning iteration

@@ -1,4 +1,4 @@
-"""Group structures of ALQ (Appendix A.2) for kernels in Flax layout.
+"""Group structures of ALQ (Qu et al. 2020, Appendix A.2) for kernels in Flax layout.
 
 A kernel of shape (*S, Cin, Cout) -- Dense (N0, N1) has no spatial dims S, Conv (kh, kw, Cin, Cout)
 has S = (kh, kw) -- is cut into G groups of n weights each, returned as a (G, n) matrix. Groups
@@ -73,7 +73,8 @@ def as_structure(spec: Structure | str) -> Structure:
   if k is not None and kind != "subchannel":
     raise ValueError(f"{kind}-wise takes no argument, got {spec!r}")
   if kind == "subchannel" and k is None:
-    raise ValueError(f"subchannel-wise needs a slice count, e.g. 'subchannel-wise(2)', got {spec!r}")
+    raise ValueError(f"subchannel-wise needs a slice count, e.g. 'subchannel-wise(2)', "
+                     f"got {spec!r}")
   return Structure(kind, int(k) if k is not None else 1)
 
 

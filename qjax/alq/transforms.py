@@ -12,22 +12,22 @@ transformation, `scale_by_loss_aware_amsgrad`; the three ALQ optimizers are it c
 small step that differs:
 
 * `coordinate` = scale_by_loss_aware_amsgrad(alpha_domain=True) + `alpha_step` (Alg. 4,
-  Eq. 14, 21): B fixed; AMSGrad in the alpha domain on dl/dalpha_g = B_g^T dl/dw_hat_g.
-* `basis` = scale_by_loss_aware_amsgrad() + `basis_step` (Alg. 3, Eq. 17-23): moments in the
+  Eq. (14), (21)): B fixed; AMSGrad in the alpha domain on dl/dalpha_g = B_g^T dl/dw_hat_g.
+* `basis` = scale_by_loss_aware_amsgrad() + `basis_step` (Alg. 3, Eq. (17)-(23)): moments in the
   w domain; with alpha fixed each weight's row of B is the sign pattern whose value b^T alpha is
   nearest to the target w* = w_hat - g_hat / H_hat (exact search over the 2^I_max patterns'
   values; dead slots contribute 0), then alpha = (B^T H_hat B)^{-1} B^T (H_hat w_hat - g_hat)
-  (Eq. 23) and negative alphas are made positive by flipping their basis column.
-* `ste` = scale_by_loss_aware_amsgrad() + `ste_step` (Alg. 6, Eq. 31-37): full-precision shadow
-  weights w (in `SteState`) step w <- w - g_hat / H_hat (Eq. 33) with the gradient of w_hat
-  (STE, Eq. 31), then B (Eq. 35) and alpha (Eq. 36) are refitted to the new w.
+  (Eq. (23)) and negative alphas are made positive by flipping their basis column.
+* `ste` = scale_by_loss_aware_amsgrad() + `ste_step` (Alg. 6, Eq. (31)-(37)): full-precision
+  shadow weights w (in `SteState`) step w <- w - g_hat / H_hat (Eq. (33)) with the gradient of w_hat
+  (STE, Eq. (31)), then B (Eq. (35)) and alpha (Eq. (36)) are refitted to the new w.
 
 Parameters other than QuantizedKernels (biases, float layers) take the plain AMSGrad step.
 
 Gradients: `update(grads, state, params)` takes the gradients w.r.t. the *reconstructed* tree,
 i.e. `jax.grad(loss)(qjax.alq.reconstruct(params))`: a kernel-shaped dl/dw_hat where `params` has
 a QuantizedKernel. That is the natural autodiff of the network and what Alg. 3 and 6 need;
-Alg. 4's alpha gradient is formed inside (Eq. 14).
+Alg. 4's alpha gradient is formed inside (Eq. (14)).
 
 Updates: the returned tree has the structure of `params`; for a QuantizedKernel it is a
 QuantizedKernel of deltas -- alpha: new - old (float32), B: new - old (int8, in {-2, 0, 2}, exact),
@@ -38,7 +38,9 @@ bool leaves `p + u` is a logical or, and the transforms never revive a slot). Ma
 
 Chaining gradient transformations before these is fine (e.g. `optax.chain(optax.clip(1.0),
 qjax.alq.basis(1e-3))`); chaining others after them (e.g. scaling the updates) is not
-meaningful, since B must stay binary.
+meaningful, since B must stay binary. Under `optax.inject_hyperparams`, pass
+`static_args=("b1", "b2", "eps")` to keep them Python floats: as float32 arrays 1 - b1 rounds
+differently and results move by float round-off.
 
 References:
   Qu, Zhou, Cheng & Thiele, `Adaptive Loss-aware Quantization for Multi-bit Networks
@@ -163,7 +165,7 @@ def sign_patterns(max_bits: int) -> jax.Array:
 def nearest_bases(target: jax.Array, alpha: jax.Array, mask: jax.Array) -> jax.Array:
   """Eq. (19)/(35): per weight the pattern b minimizing |target - b^T alpha|; dead slots get +1.
 
-  The table of all 2^I values b^T alpha of a group (Eq. 20; dead slots contribute 0) is sorted
+  The table of all 2^I values b^T alpha of a group (Eq. (20); dead slots contribute 0) is sorted
   once, each weight's place in it found by searchsorted, and the pattern decoded from the bits of
   its index: exact, O(n I + 2^I) memory per group. Purely per group, so groups sharded over a mesh
   stay sharded. target (G, n) float32, alpha/mask (G, I) -> B (G, n, I) int8.
@@ -186,7 +188,7 @@ def nearest_bases(target: jax.Array, alpha: jax.Array, mask: jax.Array) -> jax.A
 @jax.jit  # one compiled unit also when the transform runs eagerly
 def refit(q: QuantizedKernel, center: jax.Array, g_hat: jax.Array, h_hat: jax.Array
           ) -> tuple[jax.Array, jax.Array]:
-  """The B step and speedup alpha around `center` (Eq. 17-23, or Eq. 35-36 with shadow weights).
+  """The B step and speedup alpha around `center` (Eq. (17)-(23); Eq. (35)-(36) for shadows).
 
   target = center - g_hat / H_hat; B = nearest_bases(target, alpha);
   alpha = (B^T H B)^{-1} B^T H target on live slots (groups whose system is singular keep their
