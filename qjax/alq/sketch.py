@@ -27,7 +27,8 @@ MAX_BITS_LIMIT = 12  # the basis step enumerates 2^I_max sign patterns per group
 
 def check_max_bits(max_bits: Any) -> int:
   """I_max as an int in 1..MAX_BITS_LIMIT (the basis step enumerates 2^I_max sign patterns)."""
-  return rules.check_bits(max_bits, "max_bits", low=1, high=MAX_BITS_LIMIT)
+  return rules.check_bits(max_bits, "max_bits (the basis step enumerates 2^max_bits sign "
+                          "patterns per group)", low=1, high=MAX_BITS_LIMIT)
 
 
 def _kernels(params: PyTree) -> dict[str, Any]:
