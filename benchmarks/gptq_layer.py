@@ -15,20 +15,28 @@ First call (compile + one run) and steady seconds (median of the interleaved rou
 compile ~ first - steady, and the ratios gptq / gpfq_gram, gptq+H / gpfq_gram. Goals: compile
 < 10 s on every shape, gptq steady <= 2x gpfq_gram. Prints a table, writes JSON (--out).
 
+The Cholesky factorization is LAPACK's (jaxlib's potrf, on scipy's OpenBLAS). On a CPU shared
+with other busy processes, OpenBLAS's spinning worker threads make it up to ~70x slower (measured
+here: 2.25 s against 0.03 s at N0 = 1152), so this script runs OpenBLAS single-threaded unless
+OPENBLAS_NUM_THREADS is already set; XLA's own GEMMs (both methods) are not affected.
+
   python benchmarks/gptq_layer.py [--quick] [--out FILE]
 """
 from __future__ import annotations
 
-import argparse
-import functools
-import json
-import pathlib
-import statistics
-import sys
-import time
+import os
 
-import jax
-import jax.numpy as jnp
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # before numpy / jax load OpenBLAS
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from gpfq_layer import QUICK_SHAPES, SHAPES, layer, round_robin  # noqa: E402
@@ -89,6 +97,8 @@ def main() -> None:
   parser.add_argument("--quick", action="store_true", help="the smaller shapes, 2 rounds")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".json")))
   args = parser.parse_args()
+  print(f"OPENBLAS_NUM_THREADS={os.environ['OPENBLAS_NUM_THREADS']}, backend "
+        f"{jax.default_backend()}", flush=True)
   print(f"{'m':>6} {'N0':>5} {'N1':>4} | {'gpfq s':>8} | {'gptq 1st':>7} {'comp':>6} "
         f"{'gptq s':>8} | {'gptq+H s':>8} | {'g128 cp':>6} {'g128 s':>8} | "
         f"{'/gpfq':>6} {'+H/gpfq':>6} {'g128/':>6}", flush=True)
@@ -97,7 +107,8 @@ def main() -> None:
       r["gptq_over_gpfq_gram"] <= 2.0 for r in rows)
   print(f"goals (compile < 10 s, gptq <= 2x gpfq gram): {'met' if ok else 'NOT met'}")
   pathlib.Path(args.out).write_text(json.dumps(
-      dict(quick=args.quick, backend=jax.default_backend(), rows=rows, goals_met=ok), indent=2))
+      dict(quick=args.quick, backend=jax.default_backend(), rows=rows, goals_met=ok,
+           openblas_num_threads=os.environ["OPENBLAS_NUM_THREADS"]), indent=2))
   print(f"wrote {args.out}")
 
 

@@ -55,6 +55,20 @@ def _tmm(a: jax.Array, b: jax.Array) -> jax.Array:
   return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=_HIGHEST)
 
 
+def _lower_inverse(L: jax.Array, leaf: int = 512) -> jax.Array:
+  """L^-1 for lower triangular L: inv([[A, 0], [C, D]]) = [[A^-1, 0], [-D^-1 C A^-1, D^-1]],
+  halved down to `leaf` rows (a triangular solve), so most flops are GEMMs (~25% faster than
+  one triangular solve against the identity at N0 = 4608 on CPU). Depth log2(N0 / leaf)."""
+  n = L.shape[0]
+  if n <= leaf:
+    return jax.lax.linalg.triangular_solve(L, jnp.eye(n, dtype=L.dtype), left_side=True,
+                                           lower=True)
+  h = n // 2
+  Ai, Di = _lower_inverse(L[:h, :h], leaf), _lower_inverse(L[h:, h:], leaf)
+  C = -jnp.matmul(Di, jnp.matmul(L[h:, :h], Ai, precision=_HIGHEST), precision=_HIGHEST)
+  return jnp.block([[Ai, jnp.zeros((h, n - h), L.dtype)], [C, Di]])
+
+
 def inverse_cholesky_upper(H: jax.Array) -> jax.Array:
   """Upper triangular U with H^-1 = U^T U, for symmetric positive definite H.
 
@@ -62,9 +76,7 @@ def inverse_cholesky_upper(H: jax.Array) -> jax.Array:
   so H^-1 = V^-T V^-1 and U = V^-1 = P L^-1 P.
   """
   L = jnp.linalg.cholesky(H[::-1, ::-1])
-  eye = jnp.eye(H.shape[0], dtype=H.dtype)
-  Linv = jax.lax.linalg.triangular_solve(L, eye, left_side=True, lower=True)
-  return Linv[::-1, ::-1]
+  return _lower_inverse(L)[::-1, ::-1]
 
 
 def _block_size(N0: int, block_size: int, group: int | None) -> tuple[int, int]:
