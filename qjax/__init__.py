@@ -4,7 +4,7 @@ from qjax import alq
 from qjax import psgd
 from qjax._gpfq.layer import gpfq_flops, gpfq_layer
 from qjax._gpfq.network import gpfq, quantize_msq
-from qjax.rounding import quantize_uniform, sparsity
+from qjax.rounding import prune_smallest, quantize_uniform, sparsity
 from qjax import export
 from qjax import grids
 from qjax.grids import quantize_rtn

@@ -1,4 +1,4 @@
-"""Data-free per-tensor symmetric rounding (the MSQ/RTN baseline) and sparsity accounting.
+"""Data-free per-tensor symmetric rounding (the RTN baseline), magnitude pruning, sparsity.
 
 Layers are named and selected as everywhere in qjax (`qjax.rules`): a leaf's name is
 `rules.path_name` of its key path ('Conv_0' for 'Conv_0/kernel'), per-layer bits are one int, a
@@ -141,3 +141,56 @@ def sparsity(params: PyTree, *, mask: PyTree | None = None) -> dict[str, float]:
     total += w.size
   out["overall"] = zeros / total if total else 0.0
   return out
+
+
+def kernel_names(params: PyTree) -> list[str]:
+  """Layer names (`qjax.rules.path_name`) of the Dense/Conv kernels in creation order (flax keeps
+  submodules in that order; `jax.tree_util` would sort the keys instead)."""
+  names = []
+
+  def visit(tree, prefix):
+    for key, sub in tree.items():
+      if hasattr(sub, "items"):  # dict or FrozenDict
+        visit(sub, prefix + (key,))
+      elif key == "kernel":
+        names.append(rules.path_name(prefix + (key,)))
+
+  visit(params, ())
+  return names
+
+
+def prune_smallest(params: PyTree, fraction: float, *, scope: str = "layer",
+                   mask: PyTree | None = None) -> PyTree:
+  """One-shot magnitude pruning: zero the `fraction` smallest |w| of the masked leaves.
+
+  Args:
+    params: a pytree of arrays.
+    fraction: in [0, 1], the fraction of weights set to exactly 0.
+    scope: 'layer' prunes every leaf to the same fraction (layer-wise, like the rounding);
+      'global' uses one threshold over all masked leaves (small layers keep more weights).
+    mask: leaves to prune; default every kernel (`kernel_mask`).
+
+  Returns:
+    params with the pruned leaves (same dtypes); ties at the threshold are pruned too.
+  """
+  if scope not in ("layer", "global"):
+    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+  if not 0.0 <= fraction <= 1.0:
+    raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+  mask = kernel_mask(params) if mask is None else mask
+
+  def threshold(w: jax.Array) -> jax.Array:
+    k = int(round(fraction * w.size))
+    return jnp.sort(jnp.abs(w).ravel())[k - 1] if k else jnp.asarray(-1.0, w.dtype)
+
+  if scope == "global":
+    kernels = [w for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
+    shared = threshold(jnp.concatenate([jnp.abs(w).ravel() for w in kernels]))
+
+  def leaf(w, m):
+    if not m:
+      return w
+    t = shared if scope == "global" else threshold(w)
+    return jnp.where(jnp.abs(w) <= t.astype(w.dtype), jnp.zeros_like(w), w)
+
+  return jax.tree.map(leaf, params, mask)

@@ -3,6 +3,7 @@ import os
 import types
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -47,9 +48,9 @@ def test_alq_config_file():
   config = main.load_config(os.path.join(ROOT, "configs", "mnist_lenet5_alq.py"))
   main.validate_config(config)
   assert config.methods == ("alq",) and config.model == "lenet5"
-  assert dict(config.alq.structures) == {"Conv_0": "kernel-wise", "Conv_1": "kernel-wise",
-                                         "Dense_0": "subchannel-wise(2)",
-                                         "Dense_1": "channel-wise"}
+  assert dict(config.alq.structures) == {"^Conv_0$": "kernel-wise", "^Conv_1$": "kernel-wise",
+                                         "^Dense_0$": "subchannel-wise(2)",
+                                         "^Dense_1$": "channel-wise"}
   assert set(experiment.default_config()) == set(config.alq)
 
 
@@ -89,6 +90,14 @@ def test_psgd_rows_smoke():
   assert out[-1]["sparsity"] == pytest.approx(0.5, abs=0.01)
   with pytest.raises(ValueError, match="recipes.bits5"):
     psgd_experiment.train_psgd(ctx, 5)
+
+
+def test_psgd_edge_layers_keep_edge_bits_below_4_bits():
+  params = {"Conv_0": {"kernel": jnp.ones(3)}, "Dense_0": {"kernel": jnp.ones(3)},
+            "Dense_1": {"kernel": jnp.ones(3)}}
+  assert psgd_experiment.layer_bits(params, 2, 8) == {"^Conv_0$": 8, "^Dense_1$": 8,
+                                                      "default": 2}
+  assert psgd_experiment.layer_bits(params, 4, 8) == {"default": 4}
 
 
 def test_psgd_config_file_is_valid():

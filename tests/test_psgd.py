@@ -281,24 +281,3 @@ def test_regression_psgd_lands_on_grid_and_prunes():
   assert grid_error(q_params) < 0.1 * grid_error(sgd_params)
   near_zero = lambda p: float(jnp.mean(jnp.abs(p["kernel"]) < 1e-2 * jnp.abs(p["kernel"]).max()))
   assert near_zero(z_params) > 0.6 > 0.1 > near_zero(sgd_params)
-
-
-def test_experiment_helpers():
-  params = {"Conv_0": {"kernel": jnp.arange(1.0, 11.0), "bias": jnp.ones(3)},
-            "Dense_0": {"kernel": -jnp.arange(1.0, 5.0)}, "Dense_1": {"kernel": jnp.ones(4)}}
-  assert psgd_experiment.kernel_paths(params) == ["Conv_0/kernel", "Dense_0/kernel",
-                                                  "Dense_1/kernel"]
-  bits_of = psgd_experiment.layer_bits(params, 2, 8)
-  assert [bits_of(p) for p in psgd_experiment.kernel_paths(params)] == [8, 2, 8]
-  assert psgd_experiment.layer_bits(params, 4, 8)("Conv_0/kernel") == 4
-  pruned = psgd_experiment.prune_smallest(params, 0.5)
-  np.testing.assert_array_equal(pruned["Conv_0"]["kernel"], [0] * 5 + list(range(6, 11)))
-  np.testing.assert_array_equal(pruned["Conv_0"]["bias"], jnp.ones(3))
-  np.testing.assert_array_equal(pruned["Dense_0"]["kernel"], [0, 0, -3, -4])
-  # One threshold for all kernels: the 9th smallest of the 18 kernel weights, |w| = 3.
-  pruned = psgd_experiment.prune_smallest(params, 0.5, scope="global")
-  np.testing.assert_array_equal(pruned["Conv_0"]["kernel"], [0] * 3 + list(range(4, 11)))
-  np.testing.assert_array_equal(pruned["Dense_0"]["kernel"], [0, 0, 0, -4])
-  np.testing.assert_array_equal(pruned["Dense_1"]["kernel"], jnp.zeros(4))
-  with pytest.raises(ValueError, match="scope"):
-    psgd_experiment.prune_smallest(params, 0.5, scope="neuron")

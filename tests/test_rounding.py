@@ -1,5 +1,6 @@
 """The round-to-nearest baseline: values on the grid, biases untouched, 8 bits harmless."""
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -101,3 +102,23 @@ def test_sparsity_of_a_bare_array_is_that_tensors(array):
 def test_zero_tensor_stays_zero():
   q = rounding.round_to_uniform_grid(np.zeros((3, 3), np.float32), 4)
   np.testing.assert_array_equal(q, 0)
+
+
+def test_kernel_names_in_creation_order_and_pruning():
+  params = {"Conv_0": {"kernel": jnp.arange(1.0, 11.0), "bias": jnp.ones(3)},
+            "block10": {"Dense_0": {"kernel": -jnp.arange(1.0, 5.0)}},
+            "block2": {"Dense_1": {"kernel": jnp.ones(4)}}}
+  assert rounding.kernel_names(params) == ["Conv_0", "block10/Dense_0", "block2/Dense_1"]
+  pruned = rounding.prune_smallest(params, 0.5)
+  np.testing.assert_array_equal(pruned["Conv_0"]["kernel"], [0] * 5 + list(range(6, 11)))
+  np.testing.assert_array_equal(pruned["Conv_0"]["bias"], jnp.ones(3))
+  np.testing.assert_array_equal(pruned["block10"]["Dense_0"]["kernel"], [0, 0, -3, -4])
+  # One threshold for all kernels: the 9th smallest of the 18 kernel weights, |w| = 3.
+  pruned = rounding.prune_smallest(params, 0.5, scope="global")
+  np.testing.assert_array_equal(pruned["Conv_0"]["kernel"], [0] * 3 + list(range(4, 11)))
+  np.testing.assert_array_equal(pruned["block10"]["Dense_0"]["kernel"], [0, 0, 0, -4])
+  np.testing.assert_array_equal(pruned["block2"]["Dense_1"]["kernel"], jnp.zeros(4))
+  with pytest.raises(ValueError, match="scope"):
+    rounding.prune_smallest(params, 0.5, scope="neuron")
+  with pytest.raises(ValueError, match="fraction"):
+    rounding.prune_smallest(params, 1.5)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -16,11 +16,11 @@ import ml_collections
 import optax
 
 import qjax
-from qjax import rules
 from qjax import psgd as psgd_lib
-from qjax.experiments import gpfq as gpfq_experiment
+from qjax import rounding
+from qjax import rules
 from qjax.experiments import config_section, results
-from qjax.rounding import kernel_mask
+from qjax.experiments import gpfq as gpfq_experiment
 
 PyTree = Any
 FLOAT_BITS = 32  # the `bits` of the pruning rows (weights stay full precision)
@@ -50,7 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
                     normalized=False, lambda_s=150.0),
   })
   c.prune_sparsities = (0.7, 0.8, 0.9, 0.95, 0.98)
-  c.prune_scopes = ("layer", "global")  # see `prune_smallest`
+  c.prune_scopes = ("layer", "global")  # see `qjax.rounding.prune_smallest`
   # PSGD + GPFQ: GPFQ (config.gpfq options) of each PSGD-trained model onto the grid PSGD
   # trained for (rule 'uniform', C = 1, the same per-layer bits as the rounding).
   c.gpfq = True
@@ -66,59 +66,13 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config.psgd") -> None
   rules.check_bits(cfg.edge_bits, f"{where}.edge_bits", low=2)
 
 
-def kernel_paths(params: PyTree) -> list[str]:
-  """Paths of the Dense/Conv kernels in call order (flax keeps submodules in creation order)."""
-  paths = []
-
-  def visit(tree, prefix):
-    for name, sub in tree.items():
-      path = f"{prefix}{name}"
-      if hasattr(sub, "items"):  # dict or FrozenDict
-        visit(sub, path + "/")
-      elif name == "kernel":
-        paths.append(path)
-
-  visit(params, "")
-  return paths
-
-
-def _edge_kernels(params: PyTree, bits: int) -> set[str]:
-  """The first and last kernel paths when bits < 4 (they keep `edge_bits`), else none."""
-  paths = kernel_paths(params)
-  return {paths[0], paths[-1]} if bits < 4 else set()
-
-
-def layer_bits(params: PyTree, bits: int, edge_bits: int) -> Callable[[str], int]:
-  """`bits` everywhere, `edge_bits` for the first and last kernel when bits < 4."""
-  edges = _edge_kernels(params, bits)
-  return lambda path: edge_bits if path in edges else bits
-
-
-def prune_smallest(params: PyTree, fraction: float, *, scope: str = "layer") -> PyTree:
-  """One-shot magnitude pruning of the kernels: zero the `fraction` smallest |w|.
-
-  scope='layer' prunes every kernel to the same fraction (layer-wise, like the rounding);
-  scope='global' uses one threshold over all kernels (small layers keep more of their weights).
-  """
-  if scope not in ("layer", "global"):
-    raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
-  mask = kernel_mask(params)
-
-  def threshold(w: jax.Array) -> jax.Array:
-    k = int(round(fraction * w.size))
-    return jnp.sort(jnp.abs(w).ravel())[k - 1] if k else jnp.asarray(-1.0, w.dtype)
-
-  if scope == "global":
-    kernels = [w for w, m in zip(jax.tree.leaves(params), jax.tree.leaves(mask)) if m]
-    shared = threshold(jnp.concatenate([jnp.abs(w).ravel() for w in kernels]))
-
-  def leaf(w, m):
-    if not m:
-      return w
-    t = shared if scope == "global" else threshold(w)
-    return jnp.where(jnp.abs(w) <= t.astype(w.dtype), jnp.zeros_like(w), w)
-
-  return jax.tree.map(leaf, params, mask)
+def layer_bits(params: PyTree, bits: int, edge_bits: int) -> dict[str, int]:
+  """Bits rules (`qjax.rules`): `bits` everywhere, `edge_bits` for the first and last kernel
+  when bits < 4 (the authors' recipe). The same rules serve PSGD's targets, the rounding and
+  `qjax.gpfq`, so every method lands on the grid PSGD trained for."""
+  names = rounding.kernel_names(params)
+  edges = sorted({names[0], names[-1]}) if bits < 4 else []
+  return {**{f"^{re.escape(n)}$": edge_bits for n in edges}, "default": bits}
 
 
 def train_psgd(ctx, bits: int | None) -> PyTree:
@@ -149,13 +103,6 @@ def train_psgd(ctx, bits: int | None) -> PyTree:
   variables, _ = ctx.train(variables, tx, recipe.epochs, seed=ctx.config.seed + 1,
                            desc=f"psgd {name}")
   return variables
-
-
-def gpfq_bits(params: PyTree, bits: int, edge_bits: int) -> dict[str, int]:
-  """`layer_bits` as a `qjax.gpfq` bits mapping {module-path regex: bits, 'default': bits}."""
-  mapping = {f"^{re.escape(p[:-len('/kernel')])}$": edge_bits
-             for p in sorted(_edge_kernels(params, bits))}
-  return {**mapping, "default": bits}
 
 
 def _round(variables: PyTree, bits: int, edge_bits: int) -> PyTree:
@@ -203,7 +150,7 @@ def rows(ctx, trained: dict | None = None) -> list[dict]:
         seconds + time.time() - t, float_accuracy=float_acc)
     if c.gpfq:
       q_vars, _, gpfq_seconds = gpfq_experiment.quantize(
-          ctx, trained[bits], gpfq_bits(trained[bits]["params"], bits, c.edge_bits),
+          ctx, trained[bits], layer_bits(trained[bits]["params"], bits, c.edge_bits),
           rule="uniform", C=1.0, C_grid=())
       row("psgd+gpfq", bits, q_vars, seconds + gpfq_seconds, float_accuracy=float_acc)
 
@@ -216,7 +163,8 @@ def rows(ctx, trained: dict | None = None) -> list[dict]:
     for scope in c.prune_scopes:
       for fraction in c.prune_sparsities:
         t = time.time()
-        pruned = {**variables, "params": prune_smallest(variables["params"], fraction, scope=scope)}
+        pruned = {**variables,
+                  "params": rounding.prune_smallest(variables["params"], fraction, scope=scope)}
         row(method, FLOAT_BITS, pruned, extra_seconds + time.time() - t,
             sparsity=round(qjax.sparsity(pruned["params"])["overall"], 4), prune_scope=scope)
   return out
