@@ -159,7 +159,9 @@ def test_smoke_experiment_float_rows_and_plot(tmp_path):
   config = experiment.default_config()
   config.smoke = True
   config.smoke_settings.update(methods=(), examples=8, eval_examples=8)
-  rows = experiment.run(config, str(tmp_path))
+  runs, key = experiment.run(config, str(tmp_path))
+  assert list(runs) == ["resnet18"] and key == "smoke"
+  rows = runs["resnet18"]
   assert len(rows) == 1
   r = rows[0]
   assert (r["method"], r["model"], r["bits"], r["C"], r["m"], r["p"]) == (

@@ -210,12 +210,17 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Every model of the config in sequence; returns the rows (the runner writes table and plot).
+def run(config: ml_collections.ConfigDict, workdir: str
+        ) -> tuple[dict[str, list[dict]], str]:
+  """Every model of the config in sequence (the runner writes table and plot).
 
   Args:
     config: `configs/imagenet_gpfq.py`'s config.
     workdir: the run's directory (unused here: weights come from `config.weights_dir`).
+
+  Returns:
+    ({model: its rows}, a key naming the data and weights): runs of other models with the same
+    key are kept in the results file, so models can be run one at a time.
   """
   del workdir
   validate(config)
@@ -224,13 +229,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   if config.smoke:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     mock = tfds.testing.mock_data(num_examples=int(config.smoke_settings.examples))
-  rows = []
+  runs = {}
   with mock:
     eval_source = imagenet.data_source(config.eval_split, config.data_dir or None)
     calib_source = imagenet.data_source(config.calibration_split, config.data_dir or None)
     for name in names:
-      rows.extend(model_rows(config, name, eval_source, calib_source))
-  return rows
+      runs[name] = model_rows(config, name, eval_source, calib_source)
+  key = "smoke" if config.smoke else f"{config.data_dir}|{config.weights_dir}|{config.eval_split}"
+  return runs, key
 
 
 def plot(rows: list[dict], path: str) -> None:
