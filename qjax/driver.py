@@ -668,10 +668,16 @@ class _Lockstep:
         makers.append(make)
       chunks = Chunks(makers)
       W = program_lib.weight_to_matrix(W_op, layout)
-      rows = len(envs_f) * jax.eval_shape(to_rows, _read(envs_f[0], x_var), key).shape[0]
+      rows = self.program.rows.get(op.index)
+      if rows is None:  # rows of one chunk depend on shapes only
+        rows = jax.eval_shape(to_rows, _read(envs_f[0], x_var), key).shape[0]
+        self.program.rows[op.index] = rows
+      rows *= len(envs_f)
       info = LayerInfo(index=op.index, name=op.name, op=op.op,
                        weight_shape=tuple(W_op.shape), groups=layout.groups, bits=step.bits,
                        rows=rows, same=same, key=key, W=W, chunks=chunks)
+      if len(chunks) == 1:  # make the data here: the quantizer's clock starts when it is ready
+        jax.block_until_ready(list(chunks))
       t0 = time.perf_counter()
       result = self.quantize_layer(op.name, W, chunks, info)
       Q, extras = result if isinstance(result, tuple) else (result, {})

@@ -180,6 +180,7 @@ def _conv_layout(eqn) -> MatrixLayout:
       N0=w_shape[in_d] * math.prod(kernel), N1g=w_shape[out_d] // G)
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
 def weight_to_matrix(w: jax.Array, layout: MatrixLayout) -> jax.Array:
   """The weight operand as W (N0, G*N1g), problem g in columns [g*N1g, (g+1)*N1g)."""
   w = jnp.transpose(w, layout.w_perm)
@@ -197,6 +198,12 @@ def matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
   if (layout.groups == 1 and len(cshape) == 1 and len(fshape) == 1 and not bshape
       and layout.w_perm == (0, 1)):
     return Q  # a Dense-layout kernel is its own matrix (no reshape: keeps a sharded Q as is)
+  return _matrix_to_weight(Q, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
+  bshape, cshape, fshape = layout.w_shapes
   if layout.kind == "conv":
     w = Q.reshape(cshape + fshape)
   else:
@@ -394,6 +401,7 @@ class Program:
   out_tree: Any = None
   segments: dict = dataclasses.field(default_factory=dict)
   last_use: dict = dataclasses.field(default_factory=dict)
+  rows: dict = dataclasses.field(default_factory=dict)
 
 
 def _strip_value(path: tuple) -> tuple:
