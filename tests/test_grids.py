@@ -277,3 +277,21 @@ class GpfqOnGridsTest(parameterized.TestCase):
       grids.rounder(grid, 16, 5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="N1=4"):
       grids.rounder(grid, 16, 4)
+
+
+def test_grid_and_stochastic_rounders_on_a_mesh_match_one_device():
+  """Per-neuron leaves (scale, zero, keys) split over the model axis like W's columns: the
+  sharded Q is the one-device Q (the stochastic draws depend on (neuron key, t) only)."""
+  import qjax
+  from jax.sharding import Mesh
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 devices (tests/conftest.py)")
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "model"))
+  W, X, Xt = _gpfq_problem(8, N0=40, N1=8, m=64)
+  grid = grids.fit(W, bits=3, granularity="group", group_size=16, symmetric=False)
+  for kw in (dict(), dict(quantizer="stochastic", key=jax.random.key(3))):
+    r = grid.rounder(40, **kw)
+    for method in ("scan", "gram"):
+      np.testing.assert_array_equal(
+          qjax.gpfq_layer(W, X, Xt, r, method=method, mesh=mesh),
+          qjax.gpfq_layer(W, X, Xt, r, method=method))
