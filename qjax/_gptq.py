@@ -13,10 +13,15 @@ absorb its error (the OBS update, Eq. 2-3, in the Cholesky form of Sec. 3, Step 
                        e_t = (w_t - q_t) / U[t, t]
                        w_j -= U[t, j] e_t   for every j > t   (all neurons at once)
 
-Lazy batch updates (Sec. 3, Step 2): the update of rows j > t is applied inside a block of B
-inputs at once per column, and to the rows after the block once per block as one GEMM with the
-block's errors. The loops are `lax.scan`s over blocks and over the columns of a block, so the
-program size does not grow with N0 (compile time stays flat).
+Lazy batch updates (Sec. 3, Step 2): inside a block of B inputs, row i is brought up to date
+when it is reached, as w_i - U[block, i]^T E (E: the block's errors so far; one (B,) x (B, N1)
+product per column, as GPFQ's block kernel); the rows after the block get the block's errors
+once, as one GEMM. The loops are `lax.scan`s over blocks and over the columns of a block, so
+the program size does not grow with N0 (compile ~2-4 s at N0 = 4608 on CPU).
+
+Cost: one Cholesky of H (LAPACK potrf; on a CPU shared with other busy processes OpenBLAS's
+threads can make it tens of times slower: set OPENBLAS_NUM_THREADS=1), a triangular inverse
+(by halving, mostly GEMMs), ~2 N0^2 N1 flops of lazy updates and N0 sequential column steps.
 
 Options (as in the reference code):
 * act_order: inputs in order of decreasing diag(H) (permute W and H, un-permute Q).

@@ -20,7 +20,9 @@ round half to even (`jnp.round`); a group whose weights are all zero has scale 0
   scale = (hi - lo) / (2^b - 1), zero = round(-lo / scale): 0 is always a level.
 * Symmetric, b >= 2: scale = max|w| / (2^(b-1) - 1), zero = 2^(b-1): the levels are the b-bit
   two's-complement integers {-2^(b-1), ..., 2^(b-1) - 1} times scale, so +-max|w| and 0 are
-  levels (the extra most negative level is only reached by clipping). Symmetric 1-bit has no zero
+  levels (the extra most negative level is only reached by clipping; GPTQ's reference code uses
+  scale = 2 max|w| / (2^b - 1) with the same zero point, so +max|w| is clipped to
+  (2^(b-1) - 1) scale there). Symmetric 1-bit has no zero
   level: zero = 1/2, scale = 2 max|w|, levels {-max|w|, +max|w|} (binary weights with a scale).
 
 The scale comes from the extremes ("max": min-max, or max|w| when symmetric) or from a small

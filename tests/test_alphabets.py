@@ -67,7 +67,7 @@ class AlphabetTest(parameterized.TestCase):
       K = 2 ** (bits - 1)
       np.testing.assert_allclose(lv, np.arange(-K, K + 1) * float(delta), rtol=1e-6)
 
-  @parameterized.parameters(1, 2, 3, 4)
+  @parameterized.parameters(2, 3, 4)  # quantize_uniform takes 2..16 bits (qjax.rules.check_bits)
   def test_uniform_rule_is_quantize_uniform_grid(self, bits):
     W = _kernel(2)
     lv = alphabets.levels_for(W, bits, 1.0, rule="uniform")
