@@ -563,3 +563,65 @@ def rounder(target: Any, N0: int, N1: int, *, quantizer: str = "msq", key: Any =
     raise ValueError(f"target must be a Grid or a non-empty 1-D alphabet, got shape "
                      f"{levels.shape}")
   return AlphabetRounder(jnp.sort(levels), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# GPFQ and RTN on grids for the one-pass driver (qjax.driver.run), beside qjax.gptq.
+
+
+def driver_quantizer(*, method: str = "gpfq", granularity: Granularity = "channel",
+                     group_size: int | None = None, symmetric: bool = False,
+                     scale_method: ScaleMethod = "max", quantizer: str = "msq", key: Any = None,
+                     lambda_: Any = None, gpfq_method: str = "auto",
+                     grids_out: dict | None = None, sparsity_out: dict | None = None):
+  """A `quantize_layer` for `qjax.driver.run` on the grid `GridSpec(info.bits, granularity,
+  group_size, symmetric, scale_method)` of each layer, fitted on its W (the driver's matrix):
+
+  * method "gpfq": `qjax.gpfq_layer` with this grid's rounder (`quantizer` msq / stochastic /
+    hard_threshold / soft_threshold; layer i's key is fold_in(key, i)), per independent problem;
+  * method "rtn": nearest level (RTN = MSQ on the grid); the data only feed the report.
+
+  So rtn, gpfq and `qjax.gptq` (same options) round onto identical levels. The extras give the
+  RTN error on the same data. Fitted grids go into `grids_out` {layer name: Grid}, each layer's
+  sparsity (fraction of zero weights in Q) into `sparsity_out` {layer name: float}.
+  """
+  if method not in ("gpfq", "rtn"):
+    raise ValueError(f"method must be 'gpfq' or 'rtn', got {method!r}")
+  GridSpec(4, granularity, group_size, symmetric=symmetric, method=scale_method)  # validate
+  if quantizer not in QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+
+  def quantize_layer(name: str, W: jax.Array, chunks, info):
+    from qjax import gpfq_layer  # imported here: qjax imports this module
+    W = jnp.asarray(W, jnp.float32)
+    grid = fit(W, GridSpec(info.bits, granularity, group_size, symmetric=symmetric,
+                           method=scale_method))
+    rtn = grid.round(W)
+    if method == "rtn":
+      Q = rtn
+    else:
+      layer_key = None if key is None else jax.random.fold_in(key, info.index)
+      pairs = list(chunks) if len(chunks) == 1 else None
+      blocks = []
+      for rows, cols in info.group_slices():
+        sub = Grid(grid.scale[:, cols], grid.zero[:, cols], bits=grid.bits,
+                   symmetric=grid.symmetric, group_size=grid.group_size,
+                   per_tensor=grid.per_tensor)
+        r = rounder(sub, W.shape[0], sub.scale.shape[1], quantizer=quantizer, key=layer_key,
+                    lambda_=lambda_)
+        if pairs is not None:
+          x, xt = pairs[0]
+          same = xt is x
+          x = x if info.groups == 1 else x[:, rows]
+          data = (x, x if same else (xt if info.groups == 1 else xt[:, rows]))
+        else:
+          data = ((((x, xt) if info.groups == 1 else (x[:, rows], xt[:, rows]))
+                   for x, xt in chunks), None)
+        blocks.append(gpfq_layer(W[:, cols], *data, r, method=gpfq_method))
+      Q = jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    if grids_out is not None:
+      grids_out[name] = grid
+    if sparsity_out is not None:
+      sparsity_out[name] = float(jnp.mean(Q == 0))
+    return Q, dict(msq_error=info.error(rtn))
+  return quantize_layer
