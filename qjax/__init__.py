@@ -15,4 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "alphabets", "alq", "psgd", "gpfq", "gpfq_flops", "gpfq_layer", "quantize_msq",
     "quantize_uniform", "sparsity",
+    "export", "grids", "gptq", "gptq_layer", "quantize_rtn",
 ]
