@@ -18,7 +18,10 @@ def _conv_rows(conv: nn.Conv, x: jax.Array, key: jax.Array, p: float, patch_stri
   """(conv output, the traced stop, sampled patch rows, W matrix) of one nn.Conv."""
   variables = conv.init(jax.random.key(0), x)
   (op,) = _stops(conv.apply, variables, x)
-  rows = program.conv_rows(x, key, program.ConvSpec.of(op.eqn), p, patch_stride)
+  x_in = x  # the conv op's own input: flax pads CIRCULAR itself, then convolves VALID
+  if getattr(conv, "padding", None) == "CIRCULAR":
+    x_in = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+  rows = program.conv_rows(x_in, key, program.ConvSpec.of(op.eqn), p, patch_stride)
   W = program.weight_to_matrix(variables["params"]["kernel"], op.layout)
   return conv.apply(variables, x), op, rows, W
 
