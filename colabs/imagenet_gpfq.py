@@ -27,9 +27,10 @@
 # **Colab setup.** Runtime > Change runtime type > TPU. Then, in a first cell:
 #
 # ```
-# !pip install "qjax[torch] @ git+<this repository>"
-# !pip install torch torchvision --index-url https://download.pytorch.org/whl/cpu
+# !pip install "qjax @ git+<this repository>"
 # ```
+#
+# Colab's image already has torch and torchvision (only used to save the pretrained weights).
 #
 # ImageNet must be prepared once as array_record (it needs the two tar files from image-net.org
 # in `MANUAL_DIR`; about 150 GB of disk, a few hours):
