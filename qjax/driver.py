@@ -105,6 +105,7 @@ class LayerRecord:
     error: ||X W - X~ Q|| / ||X W|| for the Q this run produced.
     msq_error: the same with Q = MSQ(W) (plain rounding onto the same alphabet), same X, X~.
     seconds: wall time for this layer (data, quantization, errors).
+    sparsity: fraction of exact zeros in Q (None when the quantizer does not report it).
     reason: why a layer is not quantized, or a note (e.g. the weight's other uses).
   """
   path: str
@@ -118,6 +119,7 @@ class LayerRecord:
   msq_error: float | None = None
   seconds: float = 0.0
   reason: str = ""
+  sparsity: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,7 +160,7 @@ def format_report(report: Report) -> str:
   """The report as a fixed-width text table, one row per weight op."""
   width = max([24] + [len(r.path) for r in report.layers])
   head = (f"{'layer':<{width}} {'op':<6} {'kernel':<16} {'status':<11} {'bits':>4} "
-          f"{'delta':>9} {'rows':>7} {'err':>8} {'msq err':>8} {'sec':>6}")
+          f"{'delta':>9} {'rows':>7} {'err':>8} {'msq err':>8} {'sparse':>6} {'sec':>6}")
   title = report.method.upper()
   if report.rule is not None:
     title += f"  rule={report.rule}"
@@ -171,7 +173,7 @@ def format_report(report: Report) -> str:
     line = (f"{r.path:<{width}} {op:<6} {'x'.join(map(str, r.kernel_shape)):<16} "
             f"{r.status:<11} {fmt(r.bits, 'd'):>4} {fmt(r.delta, '.3g'):>9} "
             f"{fmt(r.rows, 'd'):>7} {fmt(r.error, '.4f'):>8} {fmt(r.msq_error, '.4f'):>8} "
-            f"{r.seconds:6.2f}")
+            f"{fmt(r.sparsity, '.3f'):>6} {r.seconds:6.2f}")
     lines.append(line + (f"  ({r.reason})" if r.reason else ""))
   for name, reason in report.other_params:
     lines.append(f"{name:<{width}} stays float: {reason}")
