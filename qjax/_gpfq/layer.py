@@ -164,9 +164,35 @@ def _prepare(W: Any, X: Any, X_tilde: Any, levels: Any, method: Method, block_si
 # Public entries.
 
 
+def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any) -> Any:
+  """`levels` with the quantizer applied: a `qjax.grids.Grid` or (for a quantizer other than
+  msq) a 1-D alphabet becomes a `qjax.grids.rounder`; msq on an alphabet keeps the alphabet, so
+  the default path is unchanged."""
+  from qjax import grids  # imported here: grids imports qjax.alphabets only, but keep it lazy
+  if quantizer not in grids.QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {grids.QUANTIZERS}, got {quantizer!r}")
+  if kernels.is_rounder(levels):
+    if quantizer != "msq" or key is not None or lambda_ is not None:
+      raise ValueError("levels is a rounder: it carries its own quantizer, so quantizer, key "
+                       "and lambda_ must be left at their defaults (build it with "
+                       "qjax.grids.rounder(..., quantizer=..., key=..., lambda_=...))")
+    return levels
+  if isinstance(levels, grids.Grid):
+    _check_W(W)
+    levels.check_fits(W.shape)
+    return grids.rounder(levels, W.shape[0], W.shape[1], quantizer=quantizer, key=key,
+                         lambda_=lambda_)
+  if quantizer == "msq" and key is None and lambda_ is None:
+    return levels
+  _check_W(W)
+  return grids.rounder(_check_levels(levels, jnp.float32), W.shape[0], W.shape[1],
+                       quantizer=quantizer, key=key, lambda_=lambda_)
+
+
 def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "auto",
                block_size: int | None = None, dtype: Any = jnp.float32, mesh: Any = None,
-               data_axis: str | None = "data", model_axis: str | None = "model") -> jax.Array:
+               data_axis: str | None = "data", model_axis: str | None = "model",
+               quantizer: str = "msq", key: Any = None, lambda_: Any = None) -> jax.Array:
   """Quantize one layer with GPFQ (paper Eq. 7-8), all neurons (columns of W) in parallel.
 
   Args:
@@ -179,7 +205,8 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     levels: the alphabet, 1-D (e.g. from `qjax.alphabets.levels_for`; sorted here, every row and
       neuron rounds to its nearest level, Eq. 5); or a rounder, a pytree with a method
       `round_row(z, t)` giving Q_t for input row t, which can hold per-neuron or per-group grids
-      (the protocol is in `qjax._gpfq.kernels`).
+      (the protocol is in `qjax._gpfq.kernels`); or a fitted `qjax.grids.Grid` for W (row t of
+      neuron j rounded onto the grid of (group of t, j), `qjax.grids.rounder`).
     method: "scan" (blocked data form), "gram" (exact Gram form) or "auto": the cheaper by flop
       count, data ~6 m N0 N1 + 4 m N0 B (weighted 1.5x for its thinner GEMMs) against Gram
       ~4 m N0^2 + 4 N0^2 N1 (X_tilde = X drops the G terms; `qjax.gpfq_flops` gives the counts
@@ -192,6 +219,15 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       of `jax.set_mesh` if one is set, else one device.
     data_axis: mesh axis for the rows (None: not split); only used with a mesh.
     model_axis: mesh axis for the neurons (None: not split); only used with a mesh.
+    quantizer: Q_t of Eq. (7)-(8) on the alphabet or grid: "msq" (nearest level, Eq. 5),
+      "stochastic" (SPFQ's unbiased random rounding between the two neighbouring levels, Zhang &
+      Saab, "SPFQ: A stochastic algorithm and its error analysis for neural network
+      quantization"; needs `key`, one key per neuron, so Q is reproducible and does not depend
+      on sharding), "hard_threshold" / "soft_threshold" (the argument is thresholded by
+      `lambda_` >= 0, L0 / L1, before nearest rounding: the sparsity-promoting quantizers of the
+      GPFQ authors' code). Not allowed with a rounder (it carries its own).
+    key: jax.random key for quantizer="stochastic" (only then).
+    lambda_: threshold for the thresholding quantizers, in the units of the weights (only then).
 
   Returns:
     Q, shape and dtype of W, every entry a value of the rounder (in `levels` for an alphabet);
@@ -204,6 +240,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       `model_axis`.
     TypeError: a rounder whose `round_row` does not return floats shaped like its argument.
   """
+  levels = _with_quantizer(W, levels, quantizer, key, lambda_)
   rounder, X, X_tilde, same, B, method = _prepare(W, X, X_tilde, levels, method, block_size,
                                                   dtype)
   mesh = sharded.resolve_mesh(mesh)
