@@ -205,3 +205,25 @@ def test_layer_quantizer_errors():
                     lambda_=0.1)
   with pytest.raises(ValueError, match="grid does not fit"):
     qjax.gpfq_layer(W, X, None, grids.fit(W[:, :3], PC4))
+
+
+@pytest.mark.parametrize("quantizer", ["hard_threshold", "soft_threshold"])
+def test_layer_thresholding_monotone_in_lambda(quantizer):
+  """Larger lambda: more zeros in Q and a larger layer error ||XW - XQ|| / ||XW||."""
+  W, X = _layer_problem(4, m=60, n0=24, n1=16)
+  g = grids.fit(W, grids.GridSpec(4, "channel"))
+  sparsity, error = [], []
+  for lam in (0.0, 0.4, 1.0):
+    Q = qjax.gpfq_layer(W, X, None, g, quantizer=quantizer, lambda_=lam)
+    sparsity.append(float(jnp.mean(Q == 0)))
+    error.append(qjax._gpfq.layer.relative_error(W, Q, X))
+  assert sparsity[0] < sparsity[1] < sparsity[2], sparsity
+  assert error[0] < error[1] < error[2], error
+
+
+def test_gpfq_grids_export_round_trip():
+  params, x = _mlp(6)
+  q, _, fitted = qjax.gpfq(params, _apply, x, grid=PC4, return_grids=True, progress=False)
+  unpacked = qjax.export.unpack(qjax.export.pack(q, fitted))
+  for a, b in zip(jax.tree_util.tree_leaves(unpacked), jax.tree_util.tree_leaves(q)):
+    np.testing.assert_array_equal(a, b)
