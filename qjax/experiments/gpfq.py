@@ -5,6 +5,13 @@ drawn from the training split and evaluates it; for the same bits and the same a
 rule, same C) it also evaluates plain rounding (`quantize_msq`), so the table shows what the
 greedy path-following adds over memoryless rounding. Options live in `config.gpfq`
 (`default_config()`).
+
+With `config.gpfq.grid_bits` (e.g. (4, 3, 2)) it adds, per bit width, three rows on one
+per-channel symmetric grid (`qjax.grids.GridSpec(bits, "channel")`, fitted on each layer's
+weights, so all three round onto identical levels) and the same calibration draw and patches:
+`rtn-pc` (`qjax.quantize_rtn`, no data), `gptq-pc` (`qjax.gptq`, Frantar et al., ICLR 2023) and
+`gpfq-pc` (`qjax.gpfq(..., grid=...)`). These rows run after the alphabet rows, which stay as
+they were.
 """
 from __future__ import annotations
 
@@ -41,6 +48,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.method = "auto"               # passed to gpfq_layer
   c.seed = 0                      # calibration draw and patch sampling
   c.msq = True                    # also run MSQ on the same alphabet
+  c.grid_bits = (4, 3, 2)         # per-channel symmetric grid rows (rtn/gptq/gpfq-pc); () = none
   return c
 
 
@@ -50,6 +58,10 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config.gpfq") -> None
     raise TypeError(f"{where}.bits must be a sequence of ints, got {cfg.bits!r}")
   for b in cfg.bits:
     rules.check_bits(b, f"{where}.bits")
+  if isinstance(cfg.grid_bits, (str, bytes)) or not hasattr(cfg.grid_bits, "__iter__"):
+    raise TypeError(f"{where}.grid_bits must be a sequence of ints, got {cfg.grid_bits!r}")
+  for b in cfg.grid_bits:
+    rules.check_bits(b, f"{where}.grid_bits", low=1, high=8)
   if cfg.rule not in network.DEFAULT_C:
     raise ValueError(f"{where}.rule must be one of {sorted(network.DEFAULT_C)}, got {cfg.rule!r}")
   if cfg.holdout_loss not in ("cross_entropy", "output"):
@@ -85,7 +97,8 @@ def _holdout_loss(cfg, y: np.ndarray):
 
 
 def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dict:
-  return results.accuracy_row(method, bits, acc, ctx.float_accuracy, seconds, C=report.C,
+  extra = {} if report.C is None else {"C": report.C}  # grid rows have no C
+  return results.accuracy_row(method, bits, acc, ctx.float_accuracy, seconds, **extra,
                   layers={r.path: (None if r.error is None else round(r.error, 4))
                           for r in report.layers})
 
@@ -121,16 +134,43 @@ def _common(ctx, cfg) -> dict[str, Any]:
               progress=False)
 
 
+def grid_rows(ctx, cfg, x: np.ndarray) -> list[dict]:
+  """rtn-pc, gptq-pc and gpfq-pc rows per `cfg.grid_bits`: one per-channel symmetric grid per
+  layer and bit width, the calibration draw `x` and the same patch samples for both data methods.
+  """
+  out = []
+  common = _common(ctx, cfg)
+  for bits in cfg.grid_bits:
+    spec = qjax.grids.GridSpec(int(bits), "channel", symmetric=True)
+    start = time.perf_counter()
+    r_vars, _ = qjax.quantize_rtn(ctx.variables, spec)
+    out.append(results.accuracy_row("rtn-pc", int(bits), ctx.evaluate(r_vars), ctx.float_accuracy,
+                                    time.perf_counter() - start))
+    start = time.perf_counter()
+    g_vars, g_report = qjax.gptq(ctx.variables, ctx.model.apply, x, bits=int(bits),
+                                 granularity="channel", symmetric=True, **common)
+    out.append(_row("gptq-pc", int(bits), ctx.evaluate(g_vars), ctx,
+                    time.perf_counter() - start, g_report))
+    start = time.perf_counter()
+    f_vars, f_report = qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec,
+                                 method=cfg.method, **common)
+    out.append(_row("gpfq-pc", int(bits), ctx.evaluate(f_vars), ctx,
+                    time.perf_counter() - start, f_report))
+  return out
+
+
 def rows(ctx) -> list[dict]:
-  """GPFQ and MSQ-on-the-GPFQ-alphabet rows, one pair per `config.gpfq.bits`.
+  """GPFQ and MSQ-on-the-GPFQ-alphabet rows, one pair per `config.gpfq.bits`, then the
+  per-channel grid rows (`grid_rows`) per `config.gpfq.grid_bits`.
 
   Args:
     ctx: the main job's context (model, float variables, data splits, evaluate, float_accuracy,
       config with an optional `gpfq` ConfigDict).
 
   Returns:
-    dicts with method ('gpfq' / 'msq-gpfq-alphabet'), bits, accuracy, drop (points below
-    float), seconds, C, layers ({module path: ||XW - X~Q|| / ||XW||}).
+    dicts with method ('gpfq' / 'msq-gpfq-alphabet' / 'rtn-pc' / 'gptq-pc' / 'gpfq-pc'), bits,
+    accuracy, drop (points below float), seconds, C, layers ({module path: ||XW - X~Q|| /
+    ||XW||}; not for rtn-pc).
   """
   cfg = config_section(ctx.config, "gpfq", default_config())
   x, _ = _calibration(ctx, cfg)
@@ -149,4 +189,4 @@ def rows(ctx) -> list[dict]:
                                               **_common(ctx, cfg))
       out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,
                       time.perf_counter() - start, m_report))
-  return out
+  return out + grid_rows(ctx, cfg, x)
