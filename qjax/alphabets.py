@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax import rules
 from qjax.rounding import grid_half
 
 
@@ -116,7 +117,7 @@ def paper_step(W: Any, bits: int, C: float) -> jax.Array:
   Returns:
     delta, a float32 scalar.
   """
-  bits = _check_int(bits, "bits", 1)
+  bits = rules.check_bits(bits, "bits")
   _check_positive(C, "C")
   W = _check_kernel(W)
   R = C * jnp.mean(jnp.max(jnp.abs(W.astype(jnp.float32)), axis=0))
@@ -138,7 +139,7 @@ def reference_step(W: Any, bits: int, C: float, percentile: float = 1.0) -> jax.
   Returns:
     delta, a float32 scalar.
   """
-  bits = _check_int(bits, "bits", 1)
+  bits = rules.check_bits(bits, "bits")
   _check_positive(C, "C")
   if not 0.0 < float(percentile) <= 1.0:
     raise ValueError(f"percentile must be in (0, 1], got {percentile}")
@@ -152,7 +153,7 @@ def reference_step(W: Any, bits: int, C: float, percentile: float = 1.0) -> jax.
 def uniform_step(W: Any, bits: int, C: float = 1.0) -> jax.Array:
   """d = C * max|W| / max(2^(b-1) - 1, 1): `qjax.quantize_uniform`'s grid step when C = 1."""
   W = _check_kernel(W)
-  bits = _check_int(bits, "bits", 1)
+  bits = rules.check_bits(bits, "bits")
   _check_positive(C, "C")
   return _checked_step(C * jnp.max(jnp.abs(W)) / grid_half(bits), "uniform_step")
 
@@ -168,7 +169,7 @@ def levels_for(W: Any, bits: int, C: float,
   * "uniform": midtread(max(2^(b-1) - 1, 1), uniform_step(W, b, C)), 2^b - 1 levels: with C = 1
     the grid `qjax.quantize_uniform` rounds to (for PSGD-trained models).
   """
-  bits = _check_int(bits, "bits", 1)
+  bits = rules.check_bits(bits, "bits")
   K = 2 ** (bits - 1)
   if rule == "paper":
     return augmented_midrise(K, paper_step(W, bits, C))

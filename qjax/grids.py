@@ -48,6 +48,7 @@ import numpy as np
 from flax import struct
 
 from qjax import alphabets
+from qjax import rules
 
 Granularity = Literal["tensor", "channel", "group"]
 ScaleMethod = Literal["max", "mse"]
@@ -57,11 +58,8 @@ __all__ = ["Grid", "GridSpec", "fit", "make", "as_matrix", "quantize_rtn", "roun
 
 
 def _check_bits(bits: Any, name: str = "bits") -> int:
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise TypeError(f"{name} must be an int, got {bits!r}")
-  if not 1 <= int(bits) <= 8:
-    raise ValueError(f"{name} must be in 1..8 for an integer grid, got {bits}")
-  return int(bits)
+  """Bits of an integer grid: codes are stored in at most one byte."""
+  return rules.check_bits(bits, name, low=1, high=8)
 
 
 def _check_group_size(group_size: Any, name: str = "group_size") -> int:
@@ -409,7 +407,7 @@ def quantize_rtn(params: Any, spec: Any, *, mask: Any = None) -> tuple[Any, dict
   Returns:
     (params with kernels rounded, {layer name: Grid}) — the grids for `qjax.export.pack`.
   """
-  from qjax import rounding, rules  # imported here: rounding imports nothing of ours
+  from qjax import rounding  # imported here: rounding imports nothing of ours
 
   def check(value, where):
     if value is not None and not isinstance(value, GridSpec):
