@@ -9,7 +9,9 @@ sequential scheme of GPFQ (Zhang, Zhou & Saab, "Post-training quantization for n
 with provable guarantees", Alg. 1) and of GPTQ / OPTQ (Frantar et al., Sec. 3, "sequential"
 inputs): two forward passes in all, whatever the depth. The work between two stops runs as one
 jitted program segment (compiled once, reused by both streams, every calibration batch and
-every later call with the same program).
+every later call with the same program; segments that are the same computation, e.g. the
+identical blocks of a deep model, share one compiled function). Between stops nothing waits on
+the host: the report's error diagnostics stay on the device until the end of the pass.
 
 The quantizer interface (GPFQ, MSQ and GPTQ are all such functions)
 ---------------------------------------------------------------------
@@ -137,7 +139,9 @@ class Report:
     forward_passes: program evaluations run (a stream over one calibration batch counts one).
     quantizer_seconds: wall time inside the per-layer quantizers (the rest is forward passes,
       data matrices, the `error` diagnostics and bookkeeping).
-    error_seconds: wall time of the driver's `error` diagnostics (two products per layer).
+    error_seconds: wall time of the driver's `error` diagnostics (a dot_general layer's from
+      the two streams' own outputs of the op; a conv layer's: two products on its sampled
+      rows), dispatched per layer and fetched in one transfer at the end.
     other_params: (name, reason) of parameters that are not a weight op's weight or bias.
   """
   method: str
@@ -228,6 +232,15 @@ def _residuals(W, Q, X, X_tilde, groups: int) -> tuple[jax.Array, jax.Array]:
   return err, ref
 
 
+@jax.jit
+def _output_residuals(y, y_tilde) -> tuple[jax.Array, jax.Array]:
+  """(||y - y~||^2, ||y||^2) of a weight op's outputs y = X W, y~ = X~ Q in the two streams:
+  the `_residuals` of a dot_general layer (all its rows, groups included) without recomputing
+  the two products."""
+  y, y_tilde = y.astype(jnp.float32), y_tilde.astype(jnp.float32)
+  return jnp.sum((y - y_tilde) ** 2), jnp.sum(y ** 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerInfo:
   """What a quantizer may want to know about the layer at a stop (see the module docstring)."""
@@ -249,11 +262,20 @@ class LayerInfo:
 
   def error(self, Q: jax.Array) -> float:
     """||X W - X~ Q||_F / ||X W||_F over all chunks (0 when X W = 0)."""
-    err = ref = 0.0
-    for x, xt in self.chunks:
-      e, r = _residuals(self.W, Q, x, xt, self.groups)
-      err, ref = err + float(e), ref + float(r)
-    return float(np.sqrt(err / ref)) if ref > 0 else 0.0
+    return _relative_error(jax.device_get(self.residuals(Q)))
+
+  def residuals(self, Q: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """(||X W - X~ Q||^2, ||X W||^2) per chunk, left on the device (no host sync): the driver
+    gathers every layer's at the end of the pass (`_relative_error` of the fetched list)."""
+    return [_residuals(self.W, Q, x, xt, self.groups) for x, xt in self.chunks]
+
+
+def _relative_error(residuals: Sequence[tuple[Any, Any]]) -> float:
+  """sqrt(sum err / sum ref) of per-chunk residuals fetched to the host (float64 sums)."""
+  err = ref = 0.0
+  for e, r in residuals:
+    err, ref = err + float(e), ref + float(r)
+  return float(np.sqrt(err / ref)) if ref > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -474,7 +496,13 @@ def _last_use(program: program_lib.Program, jaxpr) -> dict:
 
 
 def _segment(program: program_lib.Program, jaxpr, start: int, stop: int):
-  """(jitted fn, input vars, output vars) of eqns[start:stop] (cached per program)."""
+  """(jitted fn, input vars, output vars) of eqns[start:stop] (cached per program).
+
+  Segments that are the same computation (the blocks of a deep model: same primitives, params,
+  shapes and wiring, so the same printed jaxpr) share one jitted function, hence one compile per
+  distinct segment rather than one per layer; the same program compiles to the same executable,
+  so sharing changes no value.
+  """
   key = (id(jaxpr), start, stop)
   hit = program.segments.get(key)
   if hit is not None:
@@ -494,13 +522,69 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int):
                          tuple(f"in{i}" for i in range(len(ins))),
                          tuple(f"out{i}" for i in range(len(outs))))
   sub = jcore.Jaxpr([], ins, outs, eqns, effects, info)
-  fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, [])))
+  shared = program.segments.setdefault("by_text", {})
+  try:
+    text = None if effects else str(sub)
+  except Exception:  # noqa: BLE001 -- an unprintable param: no sharing, still correct
+    text = None
+  fn = shared.get(text) if text is not None else None
+  if fn is None:
+    fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, [])))
+    if text is not None:
+      shared[text] = fn
   program.segments[key] = (jaxpr, fn, ins, outs)
   return fn, ins, outs
 
 
+def _dying(program: program_lib.Program, jaxpr) -> dict:
+  """Variables of `jaxpr` grouped by the position of their last use (-1: never used)."""
+  key = ("dying", id(jaxpr))
+  hit = program.segments.get(key)
+  if hit is None:
+    by_pos: dict[int, list] = {}
+    last = _last_use(program, jaxpr)
+    for v in list(jaxpr.constvars) + list(jaxpr.invars):
+      if v not in last:
+        by_pos.setdefault(-1, []).append(v)
+    for v, k in last.items():
+      by_pos.setdefault(k, []).append(v)
+    hit = program.segments[key] = (jaxpr, by_pos)
+  return hit[1]
+
+
+def _by_leaf(program: program_lib.Program, plan: program_lib.FramePlan) -> dict:
+  """leaf -> [(var, steps)] of the variables of `plan` made from that leaf (cached)."""
+  key = ("by_leaf", id(plan))
+  hit = program.segments.get(key)
+  if hit is None:
+    out: dict[int, list] = {}
+    for var, prov in plan.prov.items():
+      out.setdefault(prov.leaf, []).append((var, prov.steps))
+    hit = program.segments[key] = (plan, out)
+  return hit[1]
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _dot_rows_pair(x, x_tilde, layout):
+  return program_lib.dot_rows(x, layout), program_lib.dot_rows(x_tilde, layout)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "patch_p", "patch_stride"))
+def _conv_rows_pair(x, x_tilde, key, spec, patch_p, patch_stride):
+  return (program_lib.conv_rows(x, key, spec, patch_p, patch_stride),
+          program_lib.conv_rows(x_tilde, key, spec, patch_p, patch_stride))
+
+
+_fold_in_many = jax.jit(jax.vmap(jax.random.fold_in, in_axes=(None, 0)))
+
+
 class _Lockstep:
-  """Evaluates the program for the float and the quantized params, stopping at weight ops."""
+  """Evaluates the program for the float and the quantized params, stopping at weight ops.
+
+  Per stop the work outside the quantizer is a few dispatches (the two streams' segments, the
+  rows of X and X~ in one call, the residuals of the error diagnostics) and no host sync: the
+  diagnostics stay on the device until `finish` fetches them all at once.
+  """
 
   def __init__(self, prep: Prepared, steps: Sequence[_Step], quantize_layer: QuantizeLayer,
                *, key: jax.Array, patch_p: float, patch_stride: str,
@@ -508,13 +592,18 @@ class _Lockstep:
     self.prep, self.program = prep, prep.program
     self.steps, self.quantize_layer = steps, quantize_layer
     self.key, self.patch_p, self.patch_stride = key, patch_p, patch_stride
+    n = len(self.program.stops)
+    # fold_in(key, i) of every stop in one call (the same bits as n separate calls).
+    self.keys = list(_fold_in_many(key, jnp.arange(n, dtype=jnp.uint32))) if any(
+        s.status == "quantize" for s in steps) else []
     self.store = list(self.program.leaves)  # current quantized-stream value of each leaf
     self.stack: list[tuple] = []
     self.records: dict[int, LayerRecord] = {}
+    self.pending: dict[int, tuple[list, float]] = {}  # index -> (device residuals, seconds)
     self.quantizer_seconds = 0.0
     self.error_seconds = 0.0
     self.bias_shift = None
-    self.progress = progress
+    self.progress = progress if progress is not None and not progress.disable else None
     self.bias_stop = None
     if bias_correction:
       last = [op for op, s in zip(self.program.stops, steps) if s.status in ("quantize", "float")]
@@ -530,14 +619,28 @@ class _Lockstep:
 
   def run(self) -> list:
     prog = self.program
-    jaxpr = prog.closed.jaxpr
     flat_in = []
     for batch in self.prep.batches:
       flat = jax.tree_util.tree_leaves((self.prep.params, batch))
       flat_in.append(flat)
     outs_f, outs_q = self.frame(prog.plan, flat_in, [list(f) for f in flat_in])
-    del jaxpr
+    self.finish()
     return outs_q
+
+  def finish(self) -> None:
+    """Fetch every layer's error residuals in one transfer and fill in the records."""
+    if not self.pending:
+      return
+    start = time.perf_counter()
+    fetched = jax.device_get({i: res for i, (res, _) in self.pending.items()})
+    spent = time.perf_counter() - start
+    self.error_seconds += spent
+    share = spent / len(fetched)
+    for i, res in fetched.items():
+      rec = self.records[i]
+      self.records[i] = dataclasses.replace(rec, error=_relative_error(res),
+                                            seconds=rec.seconds + share)
+    self.pending.clear()
 
   def frame(self, plan: program_lib.FramePlan, in_f: list, in_q: list) -> tuple[list, list]:
     jaxpr = plan.jaxpr
@@ -547,19 +650,30 @@ class _Lockstep:
       envs_f.append({**consts, **dict(zip(jaxpr.invars, vals_f))})
       envs_q.append({**consts, **dict(zip(jaxpr.invars, vals_q))})
     self.stack.append((plan, envs_f, envs_q))
-    last = _last_use(self.program, jaxpr)
+    dying = _dying(self.program, jaxpr)
+    self._free(envs_f + envs_q, dying, -1, 0)
+    freed = 0  # variables whose last use is before `freed` are gone
     pos = 0
     for k in sorted(plan.points) + [len(jaxpr.eqns)]:
       if k > pos:
-        self.segment(jaxpr, pos, k, envs_f, envs_q, last)
-        pos = k
+        self.segment(jaxpr, pos, k, envs_f, envs_q)
+        self._free(envs_f + envs_q, dying, freed, k)
+        freed = pos = k
       if k == len(jaxpr.eqns):
         break
       kind, what = plan.points[k]
       eqn = jaxpr.eqns[k]
       if kind == "stop":
-        self.stop(what, envs_f, envs_q)
-        continue  # the weight op itself runs at the head of the next segment
+        out = eqn.outvars[0]
+        own = (what.op == "dot_general" and not isinstance(out, jcore.DropVar)
+               and _last_use(self.program, jaxpr).get(out, -1) > k)
+        if self.stop(what, envs_f, envs_q, from_outputs=own):
+          # The op alone, then its error from the two streams' outputs (they are X W and X~ Q).
+          self.segment(jaxpr, k, k + 1, envs_f, envs_q)
+          self.output_error(what, out, envs_f, envs_q)
+          self._free(envs_f + envs_q, dying, freed, k + 1)
+          freed = pos = k + 1
+        continue  # otherwise the weight op runs at the head of the next segment
       if kind == "call":
         sub_in_f = [[_read(env, v) for v in eqn.invars] for env in envs_f]
         sub_in_q = [[_read(env, v) for v in eqn.invars] for env in envs_q]
@@ -571,19 +685,22 @@ class _Lockstep:
           if not isinstance(v, jcore.DropVar):
             env[v] = val
       pos = k + 1
-      self.free(envs_f, envs_q, last, pos)
+      self._free(envs_f + envs_q, dying, freed, pos)
+      freed = pos
     outs_f = [[_read(env, v) for v in jaxpr.outvars] for env in envs_f]
     outs_q = [[_read(env, v) for v in jaxpr.outvars] for env in envs_q]
     self.stack.pop()
     return outs_f, outs_q
 
   @staticmethod
-  def free(envs_f, envs_q, last: dict, pos: int) -> None:
-    for env in envs_f + envs_q:
-      for v in [v for v in env if last.get(v, -1) < pos]:
-        del env[v]
+  def _free(envs: list, dying: dict, lo: int, hi: int) -> None:
+    """Drop the variables whose last use is in [lo, hi) (they are not read again)."""
+    for k in range(lo, hi):
+      for v in dying.get(k, ()):
+        for env in envs:
+          env.pop(v, None)
 
-  def segment(self, jaxpr, start: int, stop: int, envs_f, envs_q, last: dict) -> None:
+  def segment(self, jaxpr, start: int, stop: int, envs_f, envs_q) -> None:
     fn, ins, outs = _segment(self.program, jaxpr, start, stop)
     for env_f, env_q in zip(envs_f, envs_q):
       args_f = [env_f[v] for v in ins]
@@ -593,7 +710,6 @@ class _Lockstep:
       vals_q = vals_f if same else fn(*args_q)
       for v, a, b in zip(outs, vals_f, vals_q):
         env_f[v], env_q[v] = a, b
-    self.free(envs_f, envs_q, last, stop)
 
   def scan(self, eqn, plans: list, envs_f, envs_q) -> tuple[list, list]:
     p = eqn.params
@@ -628,22 +744,34 @@ class _Lockstep:
     """Recompute, in every active frame, the quantized stream's variables made from `leaf`."""
     value = self.store[leaf]
     for plan, _, envs_q in self.stack:
-      for var, prov in plan.prov.items():
-        if prov.leaf != leaf or not any(var in env for env in envs_q):
+      for var, steps in _by_leaf(self.program, plan).get(leaf, ()):
+        if not any(var in env for env in envs_q):
           continue
-        new = program_lib.apply_steps(value, prov.steps)
+        new = program_lib.apply_steps(value, steps)
         for env in envs_q:
           if var in env:
             env[var] = new
 
-  def rows_fn(self, op: program_lib.WeightOp) -> Callable:
+  def rows_fn(self, op: program_lib.WeightOp) -> tuple[Callable, Callable]:
+    """(rows of one operand, rows of the pair (x, x~) in one call) of a stop."""
     if op.op == "conv":
-      spec = program_lib.ConvSpec.of(op.eqn)
-      return lambda x, key: program_lib.conv_rows(x, key, spec, float(self.patch_p),
-                                                  self.patch_stride)
-    return lambda x, key: program_lib.dot_rows(x, op.layout)
+      opts = dict(spec=program_lib.ConvSpec.of(op.eqn), patch_p=float(self.patch_p),
+                  patch_stride=self.patch_stride)
+      return (functools.partial(program_lib.conv_rows, **opts),
+              lambda x, xt, key: _conv_rows_pair(x, xt, key, **opts))
+    return (lambda x, key: program_lib.dot_rows(x, op.layout),
+            lambda x, xt, key: _dot_rows_pair(x, xt, op.layout))
 
-  def stop(self, op: program_lib.WeightOp, envs_f, envs_q) -> None:
+  def output_error(self, op: program_lib.WeightOp, out, envs_f, envs_q) -> None:
+    """Residuals of `op` from the streams' own outputs y = X W, y~ = X~ Q (every row of X)."""
+    t0 = time.perf_counter()
+    self.pending[op.index] = ([_output_residuals(env_f[out], env_q[out])
+                               for env_f, env_q in zip(envs_f, envs_q)], 0.0)
+    self.error_seconds += time.perf_counter() - t0
+
+  def stop(self, op: program_lib.WeightOp, envs_f, envs_q, from_outputs: bool = False) -> bool:
+    """Quantize (or record) the layer at `op`; True when its error is to be taken from the
+    streams' outputs of the op (`from_outputs` and the layer was quantized here)."""
     step = self.steps[op.index]
     start = time.perf_counter()
     eqn, layout = op.eqn, op.layout
@@ -655,8 +783,8 @@ class _Lockstep:
       self.progress.update(1)
     Q_op = W_op
     if step.status == "quantize":
-      key = jax.random.fold_in(self.key, op.index)
-      to_rows = self.rows_fn(op)
+      key = self.keys[op.index]
+      to_rows, pair_rows = self.rows_fn(op)
       makers = []
       same = True
       for b, (env_f, env_q) in enumerate(zip(envs_f, envs_q)):
@@ -665,11 +793,17 @@ class _Lockstep:
         k = key if b == 0 else jax.random.fold_in(key, b)
 
         def make(x=x, xt=xt, k=k):
-          X = to_rows(x, k)
-          return X, (X if xt is x else to_rows(xt, k))
+          if xt is x:
+            X = to_rows(x, k)
+            return X, X
+          return pair_rows(x, xt, k)
         makers.append(make)
       chunks = Chunks(makers)
-      W = program_lib.weight_to_matrix(W_op, layout)
+      if (layout.kind == "dot_general" and layout.groups == 1 and W_op.ndim == 2
+          and layout.w_perm == (0, 1)):
+        W = W_op  # a Dense-layout kernel is its own matrix
+      else:
+        W = program_lib.weight_to_matrix(W_op, layout)
       rows = self.program.rows.get(op.index)
       if rows is None:  # rows of one chunk depend on shapes only
         rows = jax.eval_shape(to_rows, _read(envs_f[0], x_var), key).shape[0]
@@ -691,17 +825,21 @@ class _Lockstep:
       Q_op = program_lib.matrix_to_weight(Q, layout).astype(W_op.dtype)
       self.store[op.leaf] = program_lib.write_back(self.store[op.leaf], op.prov, Q_op)
       self.refresh(op.leaf)
-      t0 = time.perf_counter()
-      error = info.error(Q)
-      self.error_seconds += time.perf_counter() - t0
-      fields = dict(status="quantized", bits=step.bits, rows=rows, error=error)
+      fields = dict(status="quantized", bits=step.bits, rows=rows, error=None)
       fields.update(extras)
+      own = from_outputs and "error" not in extras and self.bias_stop != op.index
+      if "error" not in extras and not own:  # runs now, its value is fetched in `finish`
+        t0 = time.perf_counter()
+        self.pending[op.index] = (info.residuals(Q), 0.0)
+        self.error_seconds += time.perf_counter() - t0
       self.records[op.index] = LayerRecord(**base, **fields,
                                            seconds=time.perf_counter() - start)
     else:
+      own = False
       self.records[op.index] = LayerRecord(**base, status=step.status)
     if op.index == self.bias_stop:
       self.correct_bias(op, W_op, Q_op, envs_f, envs_q)
+    return own
 
   def correct_bias(self, op, W_op, Q_op, envs_f, envs_q) -> None:
     """Bias correction (Sec. 3.2.3 of the GPFQ paper; Banner et al., Nagel et al.): subtract the

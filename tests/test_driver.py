@@ -452,6 +452,45 @@ def test_quantize_layer_hook_sees_matrices_and_writes_back_layouts():
   assert report.layers[0].delta == 0.1 and report.layers[0].error >= 0
 
 
+def test_report_error_is_the_relative_output_error_over_all_batches(plain):
+  params, x = plain
+  batches = [x[:8], x[8:]]
+  q, report = _gpfq(params, _mlp, batches, bits=3)
+  h = lambda p, b: jax.nn.relu(b @ p["w1"] + p["b1"][None, :])  # noqa: E731
+  data = {"w1": [(b, b) for b in batches],
+          "w2": [(h(params, b), h(q, b)) for b in batches]}
+  for rec in report.layers:
+    W, Q = (np.asarray(t[rec.path], np.float64) for t in (params, q))
+    err = sum(np.sum((np.asarray(a, np.float64) @ W - np.asarray(b, np.float64) @ Q) ** 2)
+              for a, b in data[rec.path])
+    ref = sum(np.sum((np.asarray(a, np.float64) @ W) ** 2) for a, _ in data[rec.path])
+    np.testing.assert_allclose(rec.error, np.sqrt(err / ref), rtol=1e-5)
+  assert report.error_seconds >= 0
+
+
+def test_identical_blocks_share_one_compiled_segment_each():
+  class Stack(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      for i in range(4):
+        x = jnp.tanh(nn.Dense(6, name=f"d{i}")(x))
+      return x
+
+  model = Stack()
+  x = jax.random.normal(jax.random.key(0), (5, 6))
+  variables = model.init(jax.random.key(1), x)
+  prep = driver.prepare(variables, model.apply, x)
+  q, report = driver.execute(prep, lambda name, W, chunks, info: jnp.round(W * 4) / 4)
+  fns = [v[1] for k, v in prep.program.segments.items()
+         if isinstance(k, tuple) and len(k) == 3]
+  # Per block: the Dense dot alone, then bias + tanh; the four blocks reuse those two.
+  assert len(fns) >= 8 and len({id(f) for f in fns}) <= 3
+  ref = x
+  for i in range(4):  # the quantized stream is still the model's own forward with Q
+    ref = jnp.tanh(ref @ q["params"][f"d{i}"]["kernel"] + q["params"][f"d{i}"]["bias"][None, :])
+  chex.assert_trees_all_close(model.apply(q, x), ref, atol=1e-6)
+
+
 # --------------------------------------------------------------------------------------------
 # Bad input (issue 14): each is a clear error naming the cause.
 
