@@ -227,3 +227,15 @@ def test_gpfq_grids_export_round_trip():
   unpacked = qjax.export.unpack(qjax.export.pack(q, fitted))
   for a, b in zip(jax.tree_util.tree_leaves(unpacked), jax.tree_util.tree_leaves(q)):
     np.testing.assert_array_equal(a, b)
+
+
+def test_gpfq_grid_and_stochastic_on_a_mesh():
+  """Neurons split over 'model', rows over 'data': the same Q as on one device."""
+  params, x = _mlp(7)
+  mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices()[:8])
+  for kw in (dict(grid=PC4), dict(grid=PC4, quantizer="stochastic", key=jax.random.key(3)),
+             dict(bits=3, quantizer="soft_threshold", lambda_=0.05)):
+    q_one, _ = qjax.gpfq(params, _apply, x, progress=False, **kw)
+    q_mesh, _ = qjax.gpfq(params, _apply, x, progress=False, mesh=mesh, **kw)
+    for n in ("l1", "l2"):
+      np.testing.assert_array_equal(np.asarray(q_mesh[n]["kernel"]), q_one[n]["kernel"])
