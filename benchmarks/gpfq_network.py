@@ -19,7 +19,8 @@ The new one is `qjax.driver` with a GPFQ `quantize_layer` built from public name
 (`qjax.alphabets.levels_for`, `qjax.gpfq_layer`); its warm run reuses the traced program, so its
 segments are compiled once. Prints a table and writes JSON.
 
-  python benchmarks/gpfq_network.py [--quick] [--out FILE] [--no-old] [--repeats N]
+  python benchmarks/gpfq_network.py [--quick] [--large] [--models A,B] [--out FILE] [--no-old]
+                                    [--repeats N]
 """
 from __future__ import annotations
 
@@ -81,19 +82,24 @@ class Transformer(nn.Module):
     return nn.LayerNorm()(x)
 
 
-def workloads(quick: bool) -> dict[str, tuple[Any, Any, np.ndarray, dict]]:
-  """name -> (apply_fn, variables, calibration batch, apply kwargs)."""
+def workloads(quick: bool, large: bool = False) -> dict[str, tuple[Any, Any, np.ndarray, dict]]:
+  """name -> (apply_fn, variables, calibration batch, apply kwargs); `large` adds a d=384,
+  64-token transformer (the d=192 one's forward is ~20 ms, so fixed per-layer costs weigh more
+  there than in a real model)."""
   rng = np.random.default_rng(0)
   dim, seq, n_seq = (64, 16, 2) if quick else (192, 32, 4)
   tf = Transformer(12, dim, 4)
   x_tf = rng.normal(size=(n_seq, seq, dim)).astype(np.float32)
   rn = models.get_model("resnet18", num_classes=1000)
   x_rn = rng.normal(size=(1 if quick else 4, 224, 224, 3)).astype(np.float32)
-  return {
-      "transformer-12": (tf.apply, tf.init(jax.random.key(0), x_tf[:1]), x_tf, {}),
-      "resnet18-224": (rn.apply, rn.init(jax.random.key(0), x_rn[:1], train=False), x_rn,
-                       {"train": False}),
-  }
+  out = {"transformer-12": (tf.apply, tf.init(jax.random.key(0), x_tf[:1]), x_tf, {})}
+  if large:
+    big = Transformer(12, 384, 6)
+    x_big = rng.normal(size=(4, 64, 384)).astype(np.float32)
+    out["transformer-12-d384"] = (big.apply, big.init(jax.random.key(0), x_big[:1]), x_big, {})
+  out["resnet18-224"] = (rn.apply, rn.init(jax.random.key(0), x_rn[:1], train=False), x_rn,
+                         {"train": False})
+  return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,13 +221,17 @@ def main(argv=None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="smaller transformer, 1 image")
   parser.add_argument("--no-old", action="store_true", help="skip the old driver's column")
+  parser.add_argument("--large", action="store_true", help="add a d=384, 64-token transformer")
+  parser.add_argument("--models", default="", help="comma-separated subset of the model names")
   parser.add_argument("--repeats", type=int, default=3, help="warm runs of the new driver "
                       "(the median is reported)")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).with_suffix(".json")))
   args = parser.parse_args(argv)
   old = None if args.no_old else load_old_driver()
   results = {"quick": args.quick, "device": str(jax.devices()[0]), "models": {}}
-  for name, (apply_fn, variables, x, kwargs) in workloads(args.quick).items():
+  for name, (apply_fn, variables, x, kwargs) in workloads(args.quick, args.large).items():
+    if args.models and name not in args.models.split(","):
+      continue
     fwd = forward_seconds(apply_fn, variables, x, kwargs)
     entry = {"forward_seconds": fwd, "batch": list(x.shape)}
     entry["new"] = run_new(apply_fn, variables, x, kwargs, max(1, args.repeats))
