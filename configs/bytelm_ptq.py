@@ -10,8 +10,11 @@ from qjax.experiments import transformers
 def get_config() -> ml_collections.ConfigDict:
   config = transformers.bytelm_task_config()
   config.name = "bytelm_ptq"
-  # Methods of transformers.QUANTIZERS at each bit width; calibration: 128 windows of the
-  # calibration split; metric: bits per byte on the test split.
-  config.methods = ("rtn", "rtn-channel", "gpfq", "msq")
+  # Methods of transformers.QUANTIZERS / GRID_QUANTIZERS at each bit width (and grid);
+  # calibration: 128 windows of the calibration split; metric: bits per byte on the test split.
+  # rtn / gpfq / msq: per-tensor grid and GPFQ's per-layer alphabet (the paper's rows);
+  # rtn-grid / gptq / gpfq-grid: the same symmetric GridSpec per (grid, bits) setting.
+  config.methods = ("rtn", "gpfq", "msq", "rtn-grid", "gptq", "gpfq-grid")
   config.bits = (8, 4, 3)
+  config.grids = ("channel", "g64")
   return config

