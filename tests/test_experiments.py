@@ -127,3 +127,17 @@ def test_gpfq_rows_on_briefly_trained_lenet():
   assert by[("gpfq", 4)]["drop"] < 1.0
   assert by[("gpfq", 1)]["accuracy"] >= by[("msq-gpfq-alphabet", 1)]["accuracy"] - 1.0
   assert set(by[("gpfq", 4)]["layers"]) == {"Conv_0", "Conv_1", "Dense_0", "Dense_1"}
+
+
+def test_gpfq_grid_bits_config():
+  """config.gpfq.grid_bits: the per-channel grid rows of the main job, validated eagerly."""
+  cfg = gpfq_experiment.default_config()
+  assert tuple(cfg.grid_bits) == (4, 3, 2)
+  gpfq_experiment.validate(cfg)
+  cfg.grid_bits = ()
+  gpfq_experiment.validate(cfg)  # () disables the rows
+  cfg.grid_bits = (9,)
+  with pytest.raises(ValueError, match=r"config.gpfq.grid_bits must be in 1..8"):
+    gpfq_experiment.validate(cfg)
+  with pytest.raises(TypeError, match=r"config.gpfq.grid_bits must be a sequence"):
+    gpfq_experiment.validate(ml_collections.ConfigDict({**cfg.to_dict(), "grid_bits": 4}))
