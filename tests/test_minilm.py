@@ -339,8 +339,9 @@ def test_run_minilm_small(tmp_path):
   config.bits = (8, 3)
   config.calibration_size = 32
   config.eval_sentences = 200
-  rows = transformers.run_minilm(config, str(tmp_path))
-  by = {(r["method"], r["bits"]): r for r in rows}
+  runs, key = transformers.run_minilm(config, str(tmp_path))
+  assert set(runs) == {"float", *config.methods} and len(key) == 12
+  by = {(r["method"], r["bits"]): r for rs in runs.values() for r in rs}
   assert by[("float", 32)]["cosine"] == 1.0
   for m in ("rtn-channel", "msq"):
     assert by[(m, 8)]["cosine"] > 0.97 and by[(m, 8)]["recall@10"] > 0.8
