@@ -295,35 +295,3 @@ def test_grid_and_stochastic_rounders_on_a_mesh_match_one_device():
       np.testing.assert_array_equal(
           qjax.gpfq_layer(W, X, Xt, r, method=method, mesh=mesh),
           qjax.gpfq_layer(W, X, Xt, r, method=method))
-
-
-def test_driver_quantizer_gpfq_and_rtn_on_grids():
-  """On the one-pass driver: layer 1 sees X = X~ = the batch, layer 2 the float / quantized
-  hidden layers; Q equals gpfq_layer with the layer's grid rounder on those inputs."""
-  import qjax
-  from qjax import driver
-  k = jax.random.split(jax.random.key(9), 4)
-  params = {"w1": _kernel(9, (12, 16)), "w2": _kernel(10, (16, 4))}
-  x = jax.random.normal(k[0], (48, 12))
-  f = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
-  spec = grids.GridSpec(3, "group", 8, symmetric=False)
-  fitted, sparsity = {}, {}
-  q, report = driver.run(params, f, x, grids.driver_quantizer(
-      granularity="group", group_size=8, grids_out=fitted, sparsity_out=sparsity), bits=3,
-      method="gpfq-grid")
-  g1 = grids.fit(params["w1"], spec)
-  Q1 = qjax.gpfq_layer(params["w1"], x, None, g1.rounder(12))
-  np.testing.assert_array_equal(q["w1"], Q1)
-  h, ht = jax.nn.relu(x @ params["w1"]), jax.nn.relu(x @ Q1)
-  Q2 = qjax.gpfq_layer(params["w2"], h, ht, grids.fit(params["w2"], spec).rounder(16))
-  np.testing.assert_array_equal(q["w2"], Q2)
-  for name in ("w1", "w2"):
-    np.testing.assert_array_equal(fitted[name].round(q[name]), q[name])
-  for n in ("w1", "w2"):
-    np.testing.assert_allclose(sparsity[n], np.mean(np.asarray(q[n]) == 0), rtol=1e-6)
-  assert [r.status for r in report.layers] == ["quantized"] * 2
-  q_rtn, _ = driver.run(params, f, x, grids.driver_quantizer(
-      method="rtn", granularity="group", group_size=8), bits=3)
-  np.testing.assert_array_equal(q_rtn["w1"], g1.round(params["w1"]))
-  with pytest.raises(ValueError, match="method"):
-    grids.driver_quantizer(method="gptq")

@@ -16,6 +16,7 @@ import numpy as np
 from qjax._gpfq import kernels
 from qjax._gpfq import sharded
 from qjax._gpfq.kernels import GpfqFlops
+from qjax import grids
 
 Method = Literal["auto", "scan", "gram"]
 
@@ -168,7 +169,6 @@ def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any)
   """`levels` with the quantizer applied: a `qjax.grids.Grid` or (for a quantizer other than
   msq) a 1-D alphabet becomes a `qjax.grids.rounder`; msq on an alphabet keeps the alphabet, so
   the default path is unchanged."""
-  from qjax import grids  # imported here: grids imports qjax.alphabets only, but keep it lazy
   if quantizer not in grids.QUANTIZERS:
     raise ValueError(f"quantizer must be one of {grids.QUANTIZERS}, got {quantizer!r}")
   if kernels.is_rounder(levels):
