@@ -525,3 +525,17 @@ def test_batches_of_different_shapes(plain):
   params, x = plain
   with pytest.raises(ValueError, match="share one shape"):
     _gpfq(params, _mlp, [x[:8], x[8:12]])
+
+
+def test_numpy_params_are_accepted():
+  """NumPy leaves (e.g. a checkpoint read with safetensors' numpy API) quantize like jax arrays;
+  a transposed (out, in) weight exercises the write-back through layout ops."""
+  rng = np.random.default_rng(3)
+  params = {"w1": rng.normal(size=(16, 8)).astype(np.float32),
+            "w2": rng.normal(size=(4, 16)).astype(np.float32)}
+  x = rng.normal(size=(32, 8)).astype(np.float32)
+  f = lambda p, b: jnp.tanh(b @ p["w1"].T) @ p["w2"].T  # noqa: E731
+  q_np, _ = qjax.gpfq(params, f, x, bits=3, progress=False)
+  q_jax, _ = qjax.gpfq(jax.tree.map(jnp.asarray, params), f, x, bits=3, progress=False)
+  for name in params:
+    np.testing.assert_array_equal(np.asarray(q_np[name]), np.asarray(q_jax[name]))
