@@ -1,4 +1,5 @@
-"""Quantization alphabets, step-size rules and memoryless scalar quantizers (GPFQ paper, seed 003).
+"""Quantization alphabets, step-size rules and memoryless scalar quantizers (Zhang, Zhou & Saab,
+"Post-training quantization for neural networks with provable guarantees", Eq. (2)-(5), (17)-(19)).
 
 Alphabets (paper Eq. 2-4), all returned as sorted 1-D float32 arrays:
 
