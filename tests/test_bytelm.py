@@ -236,12 +236,26 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
     for method in ("gptq", "gpfq-grid"):
       q, _ = transformers.GRID_QUANTIZERS[method][1](task, spec)
       np.testing.assert_array_equal(q["embed"]["embedding"], params["embed"]["embedding"])
-      # every weight of every kernel is a level of RTN's grid: RTN leaves it unchanged
-      for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(q),
-                              jax.tree_util.tree_leaves(transformers.grid_rtn(q, spec))):
-        if transformers._is_kernel(path, a):  # pylint: disable=protected-access
-          np.testing.assert_allclose(a, b, atol=1e-5)
-    del rtn
+      for layer, g in gptq_grids.items():
+        node_w, node_q = params, q
+        for part in layer.split("/"):
+          node_w, node_q = node_w[part], node_q[part]
+        w, qk = node_w["kernel"], node_q["kernel"]
+        shape = transformers._driver_matrix_shape(  # pylint: disable=protected-access
+            (jax.tree_util.DictKey(layer.split("/")[-1]), jax.tree_util.DictKey("kernel")), w)
+        # RTN (quantize_rtn on the driver's matrix) fits the same grid as GPTQ and GPFQ ...
+        rtn_grid = qjax.grids.fit(np.reshape(w, shape), spec)
+        np.testing.assert_allclose(np.asarray(rtn_grid.scale), np.asarray(g.scale), rtol=1e-6)
+        # ... and every weight of Q is one of its 2^b levels: scale * (code - 2^(b-1))
+        scale = np.repeat(np.asarray(g.scale), spec.group_size or shape[0], axis=0)[:shape[0]]
+        codes = np.reshape(qk, shape) / scale + 4
+        np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
+        assert codes.min() > -1e-3 and codes.max() < 7 + 1e-3
+        node_r = rtn
+        for part in layer.split("/"):
+          node_r = node_r[part]
+        np.testing.assert_allclose(np.reshape(node_r["kernel"], shape),
+                                   np.asarray(rtn_grid.round(np.reshape(w, shape))), atol=1e-6)
 
 
 def test_transformers_config_validation():
