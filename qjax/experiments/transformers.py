@@ -33,6 +33,7 @@ import numpy as np
 
 import qjax
 from qjax import pretrained
+from qjax import rules
 from qjax import text
 from qjax.experiments import config_section, results
 
@@ -59,14 +60,6 @@ class Skip(Exception):
   """A method that cannot run on this model yet; the reason is printed, no row is made."""
 
 
-def _check_bits(bits: Any, name: str = "bits") -> int:
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)):
-    raise TypeError(f"{name} must be an int, got {bits!r}")
-  if not 2 <= int(bits) <= 16:
-    raise ValueError(f"{name} must be in 2..16, got {bits}")
-  return int(bits)
-
-
 def _is_kernel(path: tuple, leaf: Any) -> bool:
   return getattr(path[-1], "key", None) == "kernel" and np.ndim(leaf) >= 2
 
@@ -79,7 +72,7 @@ def per_channel_rtn(params: PyTree, bits: int) -> PyTree:
   channels; an attention kernel (in, heads, head_dim) has heads x head_dim, and the output
   projection (heads, head_dim, out) has `out`.
   """
-  bits = _check_bits(bits)
+  bits = rules.check_bits(bits, low=2)
   half = 2 ** (bits - 1) - 1
 
   def leaf_fn(path, w):
@@ -299,7 +292,7 @@ def _validate_common(config: ml_collections.ConfigDict) -> None:
   for g in config.grids:
     grid_spec(g, 4)
   for b in config.bits:
-    _check_bits(b, "config.bits")
+    rules.check_bits(b, "config.bits", low=2)
   if int(config.calibration_size) < 1:
     raise ValueError(f"config.calibration_size must be >= 1, got {config.calibration_size}")
 
