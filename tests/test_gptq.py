@@ -1,5 +1,5 @@
 """GPTQ layer (qjax.gptq_layer) against a plain NumPy column-by-column reference."""
-import time
+import re
 
 import chex
 import jax
@@ -219,17 +219,23 @@ class GptqPropertyTest(chex.TestCase):
       qjax.gptq_layer(W, -H, spec, damp=0.0)
 
 
-@pytest.mark.slow
-def test_compile_time_is_flat_in_N0():
-  """The column loop is a scan: compiling at N0 = 4608 takes seconds (qwix unrolls: minutes)."""
-  N0, N1 = 4608, 64
+def test_program_size_is_flat_in_N0():
+  """The column loop is a scan, not unrolled (qwix unrolls: a 20-minute compile at N0 = 4608):
+  the lowered program grows like log N0 (the triangular inverse halves recursively), where an
+  unrolled column loop would grow 9x from N0 = 512 to 4608. (Compile seconds are a benchmark
+  figure: benchmarks/gptq_layer.py, 1.7-3.2 s on its four shapes.)"""
   spec = grids.GridSpec(4, "group", 128)
-  args = (jnp.zeros((N0, N1)), jnp.eye(N0), jnp.zeros((36, N1)), jnp.zeros((36, N1)),
-          jnp.zeros(N0, jnp.int32), jnp.zeros(1), jnp.float32(0.01))
-  start = time.perf_counter()
-  _gptq._gptq.lower(*args, mode="spec", spec=spec, maxq=15, block_size=128, act_order=True,
-                   dynamic=False).compile()
-  assert time.perf_counter() - start < 10.0
+
+  def program_size(N0, N1=64):
+    args = (jnp.zeros((N0, N1)), jnp.eye(N0), jnp.zeros((N0 // 128, N1)),
+            jnp.zeros((N0 // 128, N1)), jnp.zeros(N0, jnp.int32), jnp.zeros(1),
+            jnp.float32(0.01))
+    text = _gptq._gptq.lower(*args, mode="spec", spec=spec, maxq=15, block_size=128,
+                             act_order=True, dynamic=False).as_text()
+    return len(re.sub(r"\d+", "", text))  # shapes aside, the same ops
+
+  small, large = program_size(512), program_size(4608)
+  assert large < 3 * small, (small, large)
 
 
 # --------------------------------------------------------------------------------------------
