@@ -195,7 +195,7 @@ plt.show()
 # Each PSGD entry uses the PSGD model trained for that row's target. Rounding is per-tensor
 # round-to-nearest (`qjax.quantize_uniform`) onto the same grids PSGD trained for (first and last
 # layer at 8 bits below 4 bits), no data, no fine-tuning. Pruning zeroes the smallest 70% / 90% of
-# every kernel (`psgd_experiment.prune_smallest`, layer-wise; `scope="global"` is kinder to both
+# every kernel (`qjax.prune_smallest`, layer-wise; `scope="global"` is kinder to both
 # models); `qjax.sparsity` counts the zeros. The last row is optional (`RUN_GPFQ`): GPFQ
 # (`qjax.gpfq`, see `colabs/gpfq.ipynb`) uses calibration data to choose each layer's 2-bit
 # weights so that its outputs track the float network's, applied to both models with the same
@@ -221,7 +221,7 @@ for bits in (4, 2):
 for fraction in (0.7, 0.9):
   pruned, zeros = [], []
   for variables in (sgd_vars, psgd_vars["prune"]):
-    params = psgd_experiment.prune_smallest(variables["params"], fraction)
+    params = qjax.prune_smallest(variables["params"], fraction)
     pruned.append(accuracy({**variables, "params": params}))
     zeros.append(qjax.sparsity(params)["overall"])
   rows.append((f"prune {fraction:.0%} (layer-wise)", *pruned,
