@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -255,6 +256,16 @@ class LayerInfo:
   key: jax.Array | None
   W: jax.Array = dataclasses.field(repr=False)
   chunks: Chunks = dataclasses.field(repr=False)
+  leaf_shape: tuple[int, ...] = ()
+  prov: program_lib.Prov | None = dataclasses.field(default=None, repr=False)
+  layout: program_lib.MatrixLayout | None = dataclasses.field(default=None, repr=False)
+
+  def leaf_index(self) -> np.ndarray:
+    """(N0, N1) int64: the flat index into the parameter leaf (shape `leaf_shape`) of every
+    entry of W, so W == leaf.reshape(-1)[leaf_index()] (a scan slice covers part of the leaf)."""
+    iota = jnp.arange(math.prod(self.leaf_shape), dtype=jnp.int32).reshape(self.leaf_shape)
+    operand = program_lib.apply_steps(iota, self.prov.steps, index_only=True)
+    return np.asarray(program_lib.weight_to_matrix(operand, self.layout), dtype=np.int64)
 
   def group_slices(self) -> list[tuple[slice, slice]]:
     """(data columns, W columns) of each of the `groups` independent problems."""
@@ -811,7 +822,9 @@ class _Lockstep:
       rows *= len(envs_f)
       info = LayerInfo(index=op.index, name=op.name, op=op.op,
                        weight_shape=tuple(W_op.shape), groups=layout.groups, bits=step.bits,
-                       rows=rows, same=same, key=key, W=W, chunks=chunks)
+                       rows=rows, same=same, key=key, W=W, chunks=chunks,
+                       leaf_shape=tuple(np.shape(self.program.leaves[op.leaf])), prov=op.prov,
+                       layout=layout)
       if len(chunks) == 1:  # make the data here: the quantizer's clock starts when it is ready
         jax.block_until_ready(list(chunks))
       t0 = time.perf_counter()
