@@ -93,6 +93,9 @@ def workloads(quick: bool, large: bool = False) -> dict[str, tuple[Any, Any, np.
   rn = models.get_model("resnet18", num_classes=1000)
   x_rn = rng.normal(size=(1 if quick else 4, 224, 224, 3)).astype(np.float32)
   out = {"transformer-12": (tf.apply, tf.init(jax.random.key(0), x_tf[:1]), x_tf, {})}
+  if not quick:  # a calibration set of 2,048 tokens (GPTQ's is 128 x 2,048)
+    x_2k = rng.normal(size=(16, 128, dim)).astype(np.float32)
+    out["transformer-12-2k"] = (tf.apply, out["transformer-12"][1], x_2k, {})
   if large:
     big = Transformer(12, 384, 6)
     x_big = rng.normal(size=(4, 64, 384)).astype(np.float32)

@@ -506,15 +506,19 @@ def _last_use(program: program_lib.Program, jaxpr) -> dict:
   return cached[1]
 
 
-def _segment(program: program_lib.Program, jaxpr, start: int, stop: int):
-  """(jitted fn, input vars, output vars) of eqns[start:stop] (cached per program).
+def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: tuple = ()):
+  """(single fn, pair fn, input vars, output vars) of eqns[start:stop] (cached per program).
+
+  `single(*ins)` runs the segment for one stream; `pair(ins_f, ins_q)` runs it for both streams
+  in one dispatch and also returns `_output_residuals` of the two values of each variable in
+  `errs` (outputs of weight ops in the segment), so a stop costs one dispatch, not four.
 
   Segments that are the same computation (the blocks of a deep model: same primitives, params,
-  shapes and wiring, so the same printed jaxpr) share one jitted function, hence one compile per
-  distinct segment rather than one per layer; the same program compiles to the same executable,
-  so sharing changes no value.
+  shapes and wiring, so the same printed jaxpr) share their jitted functions, hence one compile
+  per distinct segment rather than one per layer; the same program compiles to the same
+  executable, so sharing changes no value.
   """
-  key = (id(jaxpr), start, stop)
+  key = (id(jaxpr), start, stop, errs)
   hit = program.segments.get(key)
   if hit is not None:
     return hit[1:]
@@ -528,23 +532,41 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int):
   last = _last_use(program, jaxpr)
   outs = [v for eqn in eqns for v in eqn.outvars
           if not isinstance(v, jcore.DropVar) and last.get(v, -1) >= stop]
+  n_out = len(outs)
+  sub_outs = outs + [v for v in dict.fromkeys(errs) if v not in outs]
+  err_pos = tuple(sub_outs.index(v) for v in errs)
   effects = frozenset().union(*(eqn.effects for eqn in eqns))
   info = jcore.DebugInfo("qjax.driver segment", f"eqns {start}:{stop}",
                          tuple(f"in{i}" for i in range(len(ins))),
-                         tuple(f"out{i}" for i in range(len(outs))))
-  sub = jcore.Jaxpr([], ins, outs, eqns, effects, info)
+                         tuple(f"out{i}" for i in range(len(sub_outs))))
+  sub = jcore.Jaxpr([], ins, sub_outs, eqns, effects, info)
   shared = program.segments.setdefault("by_text", {})
   try:
-    text = None if effects else str(sub)
+    text = None if effects else (str(sub), err_pos)
   except Exception:  # noqa: BLE001 -- an unprintable param: no sharing, still correct
     text = None
-  fn = shared.get(text) if text is not None else None
-  if fn is None:
-    fn = jax.jit(jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, [])))
+  fns = shared.get(text) if text is not None else None
+  if fns is None:
+    fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))
+
+    def single(*args):
+      return fn(*args)[:n_out]
+
+    def pair(args_f, args_q):
+      out_f, out_q = fn(*args_f), fn(*args_q)
+      res = [_output_residuals(out_f[i], out_q[i]) for i in err_pos]
+      return out_f[:n_out], out_q[:n_out], res
+
+    fns = (jax.jit(single), jax.jit(pair))
     if text is not None:
-      shared[text] = fn
-  program.segments[key] = (jaxpr, fn, ins, outs)
-  return fn, ins, outs
+      shared[text] = fns
+  program.segments[key] = (jaxpr, *fns, ins, outs)
+  return (*fns, ins, outs)
+
+
+def _ready(eqn, env: dict) -> bool:
+  """Every operand of `eqn` has a value in `env`."""
+  return all(isinstance(v, jcore.Literal) or v in env for v in eqn.invars)
 
 
 def _dying(program: program_lib.Program, jaxpr) -> dict:
@@ -665,9 +687,14 @@ class _Lockstep:
     self._free(envs_f + envs_q, dying, -1, 0)
     freed = 0  # variables whose last use is before `freed` are gone
     pos = 0
+    errs = []  # (op, its output var): layers whose error the next segment computes
     for k in sorted(plan.points) + [len(jaxpr.eqns)]:
-      if k > pos:
-        self.segment(jaxpr, pos, k, envs_f, envs_q)
+      # A stop whose operands exist already (q/k/v projections of one input) needs no segment
+      # first: eqns[pos:k] run later in one segment, with fewer dispatches.
+      if k > pos and not (k < len(jaxpr.eqns) and plan.points[k][0] == "stop"
+                          and _ready(jaxpr.eqns[k], envs_f[0])):
+        self.segment(jaxpr, pos, k, envs_f, envs_q, errs)
+        errs = []
         self._free(envs_f + envs_q, dying, freed, k)
         freed = pos = k
       if k == len(jaxpr.eqns):
@@ -676,15 +703,12 @@ class _Lockstep:
       eqn = jaxpr.eqns[k]
       if kind == "stop":
         out = eqn.outvars[0]
-        own = (what.op == "dot_general" and not isinstance(out, jcore.DropVar)
-               and _last_use(self.program, jaxpr).get(out, -1) > k)
+        own = what.op == "dot_general" and not isinstance(out, jcore.DropVar)
         if self.stop(what, envs_f, envs_q, from_outputs=own):
-          # The op alone, then its error from the two streams' outputs (they are X W and X~ Q).
-          self.segment(jaxpr, k, k + 1, envs_f, envs_q)
-          self.output_error(what, out, envs_f, envs_q)
-          self._free(envs_f + envs_q, dying, freed, k + 1)
-          freed = pos = k + 1
-        continue  # otherwise the weight op runs at the head of the next segment
+          # The weight op runs in the next segment, which also returns its error from the two
+          # streams' outputs (they are X W and X~ Q).
+          errs.append((what, out))
+        continue
       if kind == "call":
         sub_in_f = [[_read(env, v) for v in eqn.invars] for env in envs_f]
         sub_in_q = [[_read(env, v) for v in eqn.invars] for env in envs_q]
@@ -711,16 +735,23 @@ class _Lockstep:
         for env in envs:
           env.pop(v, None)
 
-  def segment(self, jaxpr, start: int, stop: int, envs_f, envs_q) -> None:
-    fn, ins, outs = _segment(self.program, jaxpr, start, stop)
+  def segment(self, jaxpr, start: int, stop: int, envs_f, envs_q, errs=()) -> None:
+    """Run eqns[start:stop] in both streams; `errs` = [(op, var)]: also those ops' errors."""
+    single, pair, ins, outs = _segment(self.program, jaxpr, start, stop,
+                                       tuple(var for _, var in errs))
+    residuals = []
     for env_f, env_q in zip(envs_f, envs_q):
       args_f = [env_f[v] for v in ins]
       args_q = [env_q[v] for v in ins]
-      vals_f = fn(*args_f)
-      same = all(a is b for a, b in zip(args_f, args_q))
-      vals_q = vals_f if same else fn(*args_q)
+      if not errs and all(a is b for a, b in zip(args_f, args_q)):
+        vals_f = vals_q = single(*args_f)
+      else:
+        vals_f, vals_q, res = pair(args_f, args_q)
+        residuals.append(res)
       for v, a, b in zip(outs, vals_f, vals_q):
         env_f[v], env_q[v] = a, b
+    for i, (op, _) in enumerate(errs):
+      self.pending[op.index] = ([res[i] for res in residuals], 0.0)
 
   def scan(self, eqn, plans: list, envs_f, envs_q) -> tuple[list, list]:
     p = eqn.params
@@ -772,13 +803,6 @@ class _Lockstep:
               lambda x, xt, key: _conv_rows_pair(x, xt, key, **opts))
     return (lambda x, key: program_lib.dot_rows(x, op.layout),
             lambda x, xt, key: _dot_rows_pair(x, xt, op.layout))
-
-  def output_error(self, op: program_lib.WeightOp, out, envs_f, envs_q) -> None:
-    """Residuals of `op` from the streams' own outputs y = X W, y~ = X~ Q (every row of X)."""
-    t0 = time.perf_counter()
-    self.pending[op.index] = ([_output_residuals(env_f[out], env_q[out])
-                               for env_f, env_q in zip(envs_f, envs_q)], 0.0)
-    self.error_seconds += time.perf_counter() - t0
 
   def stop(self, op: program_lib.WeightOp, envs_f, envs_q, from_outputs: bool = False) -> bool:
     """Quantize (or record) the layer at `op`; True when its error is to be taken from the

@@ -481,10 +481,10 @@ def test_identical_blocks_share_one_compiled_segment_each():
   variables = model.init(jax.random.key(1), x)
   prep = driver.prepare(variables, model.apply, x)
   q, report = driver.execute(prep, lambda name, W, chunks, info: jnp.round(W * 4) / 4)
-  fns = [v[1] for k, v in prep.program.segments.items()
-         if isinstance(k, tuple) and len(k) == 3]
-  # Per block: the Dense dot alone, then bias + tanh; the four blocks reuse those two.
-  assert len(fns) >= 8 and len({id(f) for f in fns}) <= 3
+  fns = [v[2] for k, v in prep.program.segments.items()
+         if isinstance(k, tuple) and len(k) == 4]
+  # Per block one segment: the Dense dot (its error fused in), bias, tanh; all four share it.
+  assert len(fns) == 4 and len({id(f) for f in fns}) == 1
   ref = x
   for i in range(4):  # the quantized stream is still the model's own forward with Q
     ref = jnp.tanh(ref @ q["params"][f"d{i}"]["kernel"] + q["params"][f"d{i}"]["bias"][None, :])
