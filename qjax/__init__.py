@@ -7,6 +7,7 @@ from qjax._gpfq.network import gpfq, quantize_msq
 from qjax.rounding import prune_smallest, quantize_uniform, sparsity
 from qjax import export
 from qjax import grids
+from qjax import views
 from qjax.grids import quantize_rtn
 from qjax._gptq import gptq, gptq_layer
 
@@ -15,5 +16,5 @@ __version__ = "0.1.0"
 __all__ = [
     "alphabets", "alq", "psgd", "gpfq", "gpfq_flops", "gpfq_layer", "quantize_msq",
     "quantize_uniform", "sparsity",
-    "export", "grids", "gptq", "gptq_layer", "quantize_rtn",
+    "export", "grids", "gptq", "gptq_layer", "quantize_rtn", "views",
 ]

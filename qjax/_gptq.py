@@ -51,6 +51,7 @@ import numpy as np
 
 from qjax import alphabets
 from qjax import grids as grids_lib
+from qjax import views as views_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -302,7 +303,8 @@ def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = Non
   independent problem, the layer's grid `GridSpec(info.bits, granularity, ...)` (or the GPFQ
   alphabet `qjax.alphabets.levels_for(W, bits, C, alphabet)`), then `gptq_layer`; the extras
   record the RTN (MSQ) error on the same grid and data. Fitted grids go into `grids_out`
-  {layer name: Grid (on the driver's matrix)} when given."""
+  {layer name: Grid or alphabet} when given; a `qjax.views.Targets` also records each grid's
+  view (the driver's matrix of the layer, `info.leaf_index()`) for `qjax.export.pack`."""
   def quantize_layer(name: str, W: jax.Array, chunks, info):
     W = jnp.asarray(W, jnp.float32)
     if alphabet is not None:
@@ -333,7 +335,9 @@ def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = Non
           symmetric=gs[0].symmetric, group_size=gs[0].group_size, per_tensor=False)
       # RTN on the same grid (for dynamic groups: the grid GPTQ ended with).
       rtn = grid.round(W)
-    if grids_out is not None:
+    if isinstance(grids_out, views_lib.Targets) and grid is not None:
+      grids_out.add(name, grid, info.leaf_index())
+    elif grids_out is not None:
       grids_out[name] = target if grid is None else grid
     return Q, dict(msq_error=info.error(rtn))
   return quantize_layer
@@ -360,13 +364,16 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
     bits: bits for every layer or {regex: bits} with 'default' (`qjax.rules`).
     granularity, group_size, symmetric, scale_method: the grid of each layer,
       `qjax.grids.GridSpec(bits, granularity, group_size, symmetric, scale_method)`; GPTQ's
-      reference default is asymmetric min-max per channel. For conv layers a group runs over the
-      driver's channel-major rows (Cin, kh, kw), not the kernel's HWIO order.
+      reference default is asymmetric min-max per channel. Grids belong to each weight op's
+      matrix (`qjax.views`: a conv's rows channel-major (Cin, kh, kw), a DenseGeneral kernel
+      (in, heads, head_dim) as (in, heads*head_dim), ...); `qjax.quantize_rtn` with
+      `views=qjax.views.kernel_views(...)` rounds onto the same grids.
     alphabet: instead of a grid, the GPFQ paper's per-layer alphabet by this rule ('paper',
       'reference', 'uniform'; `qjax.alphabets.levels_for(W, bits, C, alphabet)`).
     block_size, damp, act_order, static_groups: as `gptq_layer`.
-    return_grids: also return {layer name: Grid or alphabet} (for `qjax.export`; conv group
-      grids are on the driver's rows, see above).
+    return_grids: also return a `qjax.views.Targets` {layer name: Grid or alphabet} that
+      carries each grid's view: `qjax.export.pack(q, grids)` packs every layer exactly (conv
+      group grids, DenseGeneral / Einsum / tied-embedding kernels, scan slices 'name[i]').
 
   Returns:
     (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
@@ -377,7 +384,7 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
   elif alphabet not in ("paper", "reference", "uniform"):
     raise ValueError(f"alphabet must be None, 'paper', 'reference' or 'uniform', got "
                      f"{alphabet!r}")
-  fitted: dict = {}
+  fitted = views_lib.Targets()
   fn = gptq_quantizer(granularity=granularity, group_size=group_size, symmetric=symmetric,
                       scale_method=scale_method, alphabet=alphabet, C=C,
                       block_size=block_size, damp=damp, act_order=act_order,

@@ -11,17 +11,24 @@ plus what turns them back into values:
   (the paper's b-bit alphabets have 2^b + 1 levels, so b + 1 bits).
 
 Codes are packed little-end first into uint8 containers of 1, 2, 4 or 8 bits: 8, 4 (2-bit and
-ternary), 2 (3- and 4-bit: a 3-bit code takes a 4-bit nibble) or 1 code per byte (5..8 bits),
-in the row-major order of the kernel's own shape (conv kernels keep their layout; a group grid on a
-conv kernel is the grid of its `qjax.grids.as_matrix`). More than 256 levels is an error.
+ternary), 2 (3- and 4-bit: a 3-bit code takes a 4-bit nibble) or 1 code per byte (5..8 bits).
+More than 256 levels is an error. A grid belongs to a matrix view of the kernel (`qjax.views`):
+by default `qjax.grids.as_matrix`, whose row-major order is the kernel's own, so the codes are in
+the kernel's layout; on another view (the driver's matrix of a conv, DenseGeneral, Einsum or tied
+embedding, as `qjax.gptq` / `qjax.gpfq` fit their grids; `Targets.views` carries it) the codes are
+in the row-major order of that matrix and `Packed.view`, a strided layout of a few ints, puts
+them back. A scan-stacked leaf with one grid per slice ('name[i]', every slice quantized, one
+bits / group size) is packed as one matrix, the slices' matrices side by side.
 
 Storage is counted as in the ALQ report (`qjax.alq.accounting.report`, Eq. 28): a quantized
 layer stores its codes plus its float32 side parameters (scales, zero points, level tables) at
 32 bits each, and `float_bytes` counts the leaves left in float32 (biases, unquantized layers)
-separately; the compression ratio is 32 N / (storage bits). `storage_bytes` counts the bytes the
+separately (a view, like the shape, is metadata and not counted); the compression ratio is
+32 N / (storage bits). `storage_bytes` counts the bytes the
 packed arrays really hold (container padding included); `ideal_bytes` counts b bits per weight
 as ALQ's bits do (its I N bits of bases, no padding), so they agree whenever b is 1, 2, 4 or 8.
 
+    q_params, report, grids = qjax.gptq(..., return_grids=True)   # or gpfq, quantize_rtn
     packed = export.pack(q_params, grids)        # grids: {layer name: Grid or 1-D levels}
     export.unpack(packed) == q_params            # exactly
     export.save(path, packed); export.restore(path)  # orbax-checkpoint
@@ -40,6 +47,7 @@ from flax import struct
 
 from qjax import grids as grids_lib
 from qjax import rules
+from qjax import views as views_lib
 
 PyTree = Any
 _KINDS = ("grid", "table")
@@ -79,7 +87,8 @@ class Packed:
   """One quantized kernel as packed integer codes.
 
   Attributes:
-    data: uint8 packed codes (`pack_codes`), row-major over `shape`.
+    data: uint8 packed codes (`pack_codes`), row-major over `shape` (over `view.shape` with a
+      view).
     scale: float32 grid scale, (1, 1) per tensor, (1, N1) per channel, (G, N1) per group; for a
       level table a (1, 1) placeholder 0 (not counted).
     zero: float32 zero points, shape of scale (placeholder for a table).
@@ -89,6 +98,7 @@ class Packed:
     bits: bits per code (grid: b; table: ceil(log2 L), at least 1).
     group_size: rows per group of a grid (None: one group).
     symmetric: how the grid was fitted (metadata).
+    view: the grid's matrix as a `qjax.views.View` of the kernel; None: `as_matrix`.
   """
   data: jax.Array
   scale: jax.Array
@@ -99,14 +109,22 @@ class Packed:
   bits: int = struct.field(pytree_node=False)
   group_size: int | None = struct.field(pytree_node=False, default=None)
   symmetric: bool = struct.field(pytree_node=False, default=True)
+  view: views_lib.View | None = struct.field(pytree_node=False, default=None)
 
   @property
   def weights(self) -> int:
     return math.prod(self.shape)
 
+  @property
+  def matrix_shape(self) -> tuple[int, int]:
+    """(N0, N1) of the grid's matrix."""
+    if self.view is not None:
+      return self.view.shape
+    return math.prod(self.shape[:-1]), self.shape[-1]
+
   def grid(self) -> grids_lib.Grid:
-    N1 = self.shape[-1]
-    G = 1 if self.group_size is None else -(-math.prod(self.shape[:-1]) // self.group_size)
+    N0, N1 = self.matrix_shape
+    G = 1 if self.group_size is None else -(-N0 // self.group_size)
     shape = (G, N1)
     return grids_lib.Grid(jnp.broadcast_to(jnp.asarray(self.scale), shape),
                           jnp.broadcast_to(jnp.asarray(self.zero), shape), bits=self.bits,
@@ -114,14 +132,22 @@ class Packed:
                           per_tensor=self.scale.shape == (1, 1) and N1 > 1)
 
   def codes(self) -> np.ndarray:
-    return unpack_codes(self.data, self.bits, self.weights).reshape(self.shape)
+    """The code of every kernel entry, in the kernel's shape."""
+    c = unpack_codes(self.data, self.bits, self.weights)
+    if self.view is None:
+      return c.reshape(self.shape)
+    out = np.empty(self.weights, c.dtype)
+    out[self.view.index().reshape(-1)] = c
+    return out.reshape(self.shape)
 
   def unpack(self) -> jax.Array:
     """The float32 kernel."""
-    c = self.codes()
     if self.kind == "table":
-      return jnp.asarray(np.asarray(self.levels)[c])
-    return self.grid().dequant(c)
+      return jnp.asarray(np.asarray(self.levels)[self.codes()])
+    if self.view is None:
+      return self.grid().dequant(self.codes())
+    c = unpack_codes(self.data, self.bits, self.weights).reshape(self.view.shape)
+    return views_lib.put(jnp.zeros(self.shape, jnp.float32), self.view, self.grid().dequant(c))
 
   def side_arrays(self) -> tuple[np.ndarray, ...]:
     """The float32 arrays stored besides the codes (what the report counts)."""
@@ -134,31 +160,54 @@ def is_packed(x: Any) -> bool:
   return isinstance(x, Packed)
 
 
-def pack_kernel(W: Any, target: Any, name: str = "W") -> Packed:
+def pack_kernel(W: Any, target: Any, name: str = "W", *, view: Any = None) -> Packed:
   """Pack one quantized kernel whose values lie on `target` (a Grid or a 1-D alphabet).
+
+  Args:
+    W: the quantized kernel (a parameter leaf).
+    target: a `qjax.grids.Grid` of W's matrix, or a 1-D alphabet (levels).
+    name: the layer's name, for errors.
+    view: the grid's matrix (`qjax.views.View` or index map covering every entry of W once);
+      None: `qjax.grids.as_matrix`. Ignored for an alphabet (its codes do not depend on it).
 
   Raises:
     ValueError naming `name` when a value is not on the target (not exactly a level), the grid
-    does not fit W, or an alphabet has more than 256 levels.
+    does not fit the matrix, the view does not cover W once or is not a strided layout, or an
+    alphabet has more than 256 levels.
   """
   W = np.asarray(W, np.float32)
   if isinstance(target, grids_lib.Grid):
+    if view is not None:
+      idx = views_lib.check(view, W.shape, name)
+      if idx.size != W.size:
+        raise ValueError(f"{name}: the view covers {idx.size} of the kernel's {W.size} entries; "
+                         "a packed kernel needs a grid for every entry (for a scan-stacked "
+                         "kernel: a target for every slice)")
+      try:
+        view = views_lib.of_index(view)
+      except ValueError as e:
+        raise ValueError(f"{name}: {e}; export stores views as strided layouts") from None
+      if view == views_lib.default(W.shape):
+        view = None
+    M = W.reshape(-1, W.shape[-1]) if view is None else W.reshape(-1)[idx]
     try:
-      target.check_fits(W.shape, name)
+      target.check_fits(M.shape, name)
     except ValueError as e:
       raise ValueError(f"{name}: {e}") from None
-    codes = np.asarray(target.codes(W))
+    codes = np.asarray(target.codes(M))
     back = np.asarray(target.dequant(codes))
-    if not np.array_equal(back, W):
-      bad = np.argwhere(back != W)[0]
-      raise ValueError(f"{name}: value {W[tuple(bad)]!r} at {tuple(bad)} is not on its grid "
-                       f"(nearest level {back[tuple(bad)]!r}); pack only quantized weights")
+    if not np.array_equal(back, M):
+      t, j = np.argwhere(back != M)[0]
+      at = np.unravel_index(t * M.shape[1] + j if view is None else idx[t, j], W.shape)
+      raise ValueError(f"{name}: value {M[t, j]!r} at {tuple(int(i) for i in at)} is not on its "
+                       f"grid (nearest level {back[t, j]!r}); pack only quantized weights (on "
+                       "the matrix the grid was fitted on: pass its view)")
     scale, zero = np.asarray(target.scale), np.asarray(target.zero)
     if target.per_tensor:
       scale, zero = scale[:1, :1], zero[:1, :1]
     return Packed(pack_codes(codes, target.bits), jnp.asarray(scale), jnp.asarray(zero),
                   jnp.zeros((1,), jnp.float32), shape=W.shape, kind="grid", bits=target.bits,
-                  group_size=target.group_size, symmetric=target.symmetric)
+                  group_size=target.group_size, symmetric=target.symmetric, view=view)
   levels = np.unique(np.asarray(target, np.float32))  # sorted, deduplicated
   if levels.ndim != 1 or levels.size == 0:
     raise ValueError(f"{name}: the alphabet must be a non-empty 1-D array, got shape "
@@ -181,25 +230,92 @@ def _named_leaves(params: PyTree) -> list[tuple[str, Any]]:
           for p, leaf in jax.tree_util.tree_leaves_with_path(params, is_leaf=is_packed)]
 
 
-def pack(params: PyTree, targets: Mapping[str, Any]) -> PyTree:
+def _merge_slices(leaf: str, shape: tuple[int, ...], parts: list[tuple[str, Any, Any]]
+                  ) -> tuple[Any, Any]:
+  """(target, view) of a scan-stacked leaf from its slices' (layer, target, view): grids side by
+  side on the slices' matrices side by side (as the driver lays out independent problems), or
+  the union of the slices' alphabets."""
+  grids = [t for _, t, _ in parts if isinstance(t, grids_lib.Grid)]
+  if grids and len(grids) != len(parts):
+    raise ValueError(f"{leaf}: its slices mix grids and alphabets "
+                     f"({[layer for layer, _, _ in parts]}); pack needs one kind per kernel")
+  if not grids:
+    return np.unique(np.concatenate([np.asarray(t, np.float32).reshape(-1)
+                                     for _, t, _ in parts])), None
+  first = grids[0]
+  for layer, g, _ in parts:
+    if (g.bits, g.symmetric, g.group_size) != (first.bits, first.symmetric, first.group_size):
+      raise ValueError(f"{leaf}: slice {layer!r} has a {g.bits}-bit grid with group_size="
+                       f"{g.group_size}, slice {parts[0][0]!r} a {first.bits}-bit one with "
+                       f"group_size={first.group_size}; a packed kernel has one bits and one "
+                       "group size (pack the slices as separate leaves)")
+  index = [views_lib.as_index(v) if v is not None else
+           views_lib.default(shape, views_lib.split_name(layer)[1]).index()
+           for layer, _, v in parts]
+  if len({i.shape[0] for i in index}) != 1:
+    raise ValueError(f"{leaf}: its slices' matrices have different row counts "
+                     f"{[i.shape[0] for i in index]}")
+  grid = grids_lib.Grid(jnp.concatenate([g.scale for g in grids], axis=1),
+                        jnp.concatenate([g.zero for g in grids], axis=1), bits=first.bits,
+                        symmetric=first.symmetric, group_size=first.group_size)
+  return grid, np.concatenate(index, axis=1)
+
+
+def pack(params: PyTree, targets: Mapping[str, Any], *,
+         views: Mapping[str, Any] | None = None) -> PyTree:
   """Replace every leaf named in `targets` (names as `qjax.rules.path_name`, e.g.
   'block1/Conv_0') by its `Packed` codes; other leaves stay as they are.
 
   Args:
     params: quantized params (e.g. from `qjax.gptq`, `qjax.grids.quantize_rtn`, `qjax.gpfq`).
-    targets: {name: Grid or 1-D alphabet} for the quantized leaves.
+    targets: {layer name: Grid or 1-D alphabet} for the quantized leaves: the `return_grids`
+      output of `qjax.gptq` / `qjax.gpfq` / `qjax.quantize_msq` or the targets of
+      `qjax.quantize_rtn` (a `qjax.views.Targets`, whose views are used), or a plain dict.
+      Slices 'name[i]' of a scan-stacked leaf are packed together (every slice needs one).
+    views: {layer name: `qjax.views.View` or index map}, the matrix each grid was fitted on;
+      added to (and overriding) `targets.views`. Layers without one use `as_matrix`.
 
   Raises:
-    ValueError: a name in `targets` that names no leaf, or a leaf not on its target.
+    ValueError naming the layer: a name in `targets` or `views` that names no leaf, a leaf not
+    on its target, a stacked leaf whose slices cannot form one packed kernel.
   """
-  names = [n for n, _ in _named_leaves(params)]
-  missing = sorted(set(targets) - set(names))
+  leaves = dict(_named_leaves(params))
+  all_views = dict(getattr(targets, "views", None) or {})
+  all_views.update(views or {})
+  by_leaf: dict[str, list[tuple[tuple[int, ...], str]]] = {}
+  for layer in targets:
+    leaf, key = views_lib.split_name(layer)
+    if leaf not in leaves and layer in leaves:
+      leaf, key = layer, ()  # a leaf whose own name ends in [i]
+    by_leaf.setdefault(leaf, []).append((key, layer))
+  missing = sorted(layer for leaf, parts in by_leaf.items() if leaf not in leaves
+                   for _, layer in parts)
   if missing:
-    raise ValueError(f"targets name no parameter: {missing}; the parameters are {names}")
+    raise ValueError(f"targets name no parameter: {missing}; the parameters are "
+                     f"{sorted(leaves)}")
+  unknown = sorted(n for n in all_views if views_lib.split_name(n)[0] not in leaves)
+  if unknown:
+    raise ValueError(f"views name no parameter: {unknown}; the parameters are {sorted(leaves)}")
+  plan = {}
+  for leaf, parts in by_leaf.items():
+    shape = tuple(np.shape(leaves[leaf]))
+    if len(parts) == 1 and parts[0][0] == ():
+      layer = parts[0][1]
+      plan[leaf] = (targets[layer], all_views.get(layer))
+      continue
+    if any(key == () for key, _ in parts):
+      raise ValueError(f"{leaf}: targets name the whole kernel and its slices "
+                       f"{sorted(layer for _, layer in parts)}")
+    parts = sorted(parts)
+    plan[leaf] = _merge_slices(leaf, shape, [(layer, targets[layer], all_views.get(layer))
+                                             for _, layer in parts])
 
   def leaf_fn(path, leaf):
     name = rules.path_name(path)
-    return pack_kernel(leaf, targets[name], name) if name in targets else leaf
+    if name not in plan:
+      return leaf
+    target, view = plan[name]
+    return pack_kernel(leaf, target, name, view=view)
 
   return jax.tree_util.tree_map_with_path(leaf_fn, params)
 
@@ -249,6 +365,9 @@ def _to_state(tree: PyTree) -> Any:
   if is_packed(tree):
     meta = [_KINDS.index(tree.kind), tree.bits, tree.group_size or 0, int(tree.symmetric),
             len(tree.shape), *tree.shape]
+    if tree.view is not None:  # offset, N0, N1, K, K sizes, K strides
+      v = tree.view
+      meta += [v.offset, *v.shape, len(v.sizes), *v.sizes, *v.strides]
     state = {"data": np.asarray(tree.data), "meta": np.asarray(meta, np.int64)}
     if tree.kind == "table":
       state["levels"] = np.asarray(tree.levels)
@@ -266,14 +385,18 @@ def _to_state(tree: PyTree) -> Any:
 def _from_state(state: Any) -> PyTree:
   if isinstance(state, Mapping) and "__packed__" in state:
     s = state["__packed__"]
-    kind, bits, group, symmetric, ndim, *shape = (int(v) for v in np.asarray(s["meta"]))
-    shape = tuple(shape[:ndim])
+    kind, bits, group, symmetric, ndim, *rest = (int(v) for v in np.asarray(s["meta"]))
+    shape, rest = tuple(rest[:ndim]), rest[ndim:]
+    view = None
+    if rest:
+      offset, n0, n1, k, *digits = rest
+      view = views_lib.View((n0, n1), offset, tuple(digits[:k]), tuple(digits[k:2 * k]))
     levels = s.get("levels", np.zeros((1,), np.float32))
     scale = s.get("scale", np.zeros((1, 1), np.float32))
     zero = s.get("zero", np.zeros((1, 1), np.float32))
     return Packed(jnp.asarray(s["data"]), jnp.asarray(scale), jnp.asarray(zero),
                   jnp.asarray(levels), shape=shape, kind=_KINDS[kind], bits=bits,
-                  group_size=group or None, symmetric=bool(symmetric))
+                  group_size=group or None, symmetric=bool(symmetric), view=view)
   if isinstance(state, Mapping):
     return {k: _from_state(v) for k, v in state.items()}
   return jnp.asarray(state)

@@ -4,9 +4,13 @@ The grids that post-training quantization of large models uses today (GPTQ, Fran
 ICLR 2023, Sec. 3 and its reference code), next to the per-layer alphabets of the GPFQ paper
 (`qjax.alphabets`, which stay the default of `qjax.gpfq`).
 
-A kernel is a matrix W (N0 inputs, N1 neurons) in Flax layout; a neuron is a column. A conv kernel
-(kh, kw, Cin, Cout) is used through its matrix W.reshape(-1, Cout), rows in HWIO order (kh, kw,
-Cin); group granularity groups consecutive rows of that matrix. The rows are split into G groups
+A kernel is a matrix W (N0 inputs, N1 neurons) in Flax layout; a neuron is a column. Which entries
+of a parameter leaf form that matrix is its view (`qjax.views`): by default `as_matrix`,
+W.reshape(-1, W.shape[-1]) (a conv kernel (kh, kw, Cin, Cout) with rows in HWIO order); the
+driver's quantizers (`qjax.gptq`, `qjax.gpfq`) use each weight op's own matrix (a conv's rows
+channel-major (Cin, kh, kw), a DenseGeneral (in, heads, head_dim) kernel as (in, heads*head_dim),
+...), which `quantize_rtn(..., views=qjax.views.kernel_views(...))` uses too. Group granularity
+groups consecutive rows of the matrix. The rows are split into G groups
 of `group_size` = g consecutive inputs (one group of all N0 rows for per-channel and per-tensor
 grids), and every (group k, neuron j) has its own grid
 
@@ -40,7 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any, Literal, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +53,7 @@ from flax import struct
 
 from qjax import alphabets
 from qjax import rules
+from qjax import views as views_lib
 
 Granularity = Literal["tensor", "channel", "group"]
 ScaleMethod = Literal["max", "mse"]
@@ -75,7 +80,8 @@ def _concrete(x: Any) -> bool:
 
 
 def as_matrix(W: Any) -> jax.Array:
-  """A kernel as its (N0, N1) matrix: Dense as is, conv (kh, kw, Cin, Cout) as (kh*kw*Cin, Cout)."""
+  """A kernel as its default (N0, N1) matrix W.reshape(-1, W.shape[-1]): Dense as is, conv
+  (kh, kw, Cin, Cout) as (kh*kw*Cin, Cout). Not always the driver's matrix (`qjax.views`)."""
   W = jnp.asarray(W)
   if W.ndim < 2:
     raise ValueError(f"W must be a kernel with ndim >= 2 (N0, N1) or a conv kernel, got shape "
@@ -391,21 +397,35 @@ def fit(W: Any, spec: GridSpec | None = None, **kwargs) -> Grid:
 # RTN / MSQ on grids for a whole params tree.
 
 
-def quantize_rtn(params: Any, spec: Any, *, mask: Any = None) -> tuple[Any, dict[str, Grid]]:
+def quantize_rtn(params: Any, spec: Any, *, mask: Any = None,
+                 views: Mapping[str, Any] | None = None) -> tuple[Any, "views_lib.Targets"]:
   """Round every kernel to the nearest level of its grid: RTN, no data.
 
   On a grid, MSQ (the memoryless scalar quantizer of the GPFQ paper, Eq. 5, applied to W alone)
   is exactly this rounding, so this is both the RTN and the MSQ baseline on the grids that
-  `qjax.gptq_layer` and GPFQ with a grid rounder use (same `GridSpec` -> same levels).
+  `qjax.gptq_layer` and GPFQ with a grid rounder use (same `GridSpec` and same matrix -> same
+  levels).
 
   Args:
     params: a pytree of arrays (e.g. flax params).
-    spec: a `GridSpec` for every kernel, or rules {regex: GridSpec or None} (`qjax.rules`:
+    spec: a `GridSpec` for every layer, or rules {regex: GridSpec or None} (`qjax.rules`:
       first `re.search` match on the layer name wins, 'default' key; None leaves it float).
     mask: pytree of bools marking the kernels (default: leaves named 'kernel').
+    views: {layer name: `qjax.views.View` or (N0, N1) index map}: the matrix each kernel is
+      fitted and rounded on. Default: `as_matrix` of each leaf. Pass
+      `qjax.views.kernel_views(params, apply_fn, batch)` to use the matrices `qjax.gptq` and
+      `qjax.gpfq` quantize (conv rows channel-major, DenseGeneral / Einsum / attend layouts), so
+      every method rounds onto identical levels. A scan-stacked leaf with views 'name[i]' gets
+      one grid per slice (the layer names the spec rules see). Views of leaves outside `mask`
+      are ignored.
 
   Returns:
-    (params with kernels rounded, {layer name: Grid}) — the grids for `qjax.export.pack`.
+    (params with kernels rounded, `qjax.views.Targets` {layer name: Grid} with the views) —
+    the targets for `qjax.export.pack`.
+
+  Raises:
+    ValueError naming the layer: a view that names no parameter, does not fit its leaf, or
+    overlaps another view of the same leaf; a grid that cannot be fitted.
   """
   from qjax import rounding  # imported here: rounding imports nothing of ours
 
@@ -421,20 +441,33 @@ def quantize_rtn(params: Any, spec: Any, *, mask: Any = None) -> tuple[Any, dict
   if len(marks) != len(flat):
     raise ValueError(f"mask must have the structure of params ({len(flat)} leaves), got "
                      f"{len(marks)} leaves")
-  names = [rules.path_name(p) for (p, _), m in zip(flat, marks) if m]
+  leaf_names = [rules.path_name(p) for p, _ in flat]
+  # leaf name -> [(layer name, view)]: one layer per leaf, or one per scan slice.
+  layers = views_lib.layers_of(views, {n: np.shape(x) for n, (_, x) in zip(leaf_names, flat)})
+  names = [layer for name, m in zip(leaf_names, marks) if m
+           for layer, _ in layers.get(name, [(name, None)])]
   specs = rules.resolve(spec, names, what="spec", check_value=check)
-  out, fitted = [], {}
-  for (path, leaf), m in zip(flat, marks):
-    name = rules.path_name(path)
-    if not m or specs[name] is None:
+  out, fitted = [], views_lib.Targets()
+  for name, (_, leaf), m in zip(leaf_names, flat, marks):
+    if not m:
       out.append(leaf)
       continue
-    try:
-      grid = fit(leaf, specs[name])
-    except ValueError as e:
-      raise ValueError(f"{name}: {e}") from None
-    fitted[name] = grid
-    out.append(grid.round(leaf))
+    new = leaf
+    for layer, view in layers.get(name, [(name, None)]):
+      if specs[layer] is None:
+        continue
+      try:
+        if view is None:  # the default matrix: fit and round the kernel itself
+          grid = fit(leaf, specs[layer])
+          new = grid.round(leaf)
+        else:
+          M = views_lib.matrix(leaf, view)
+          grid = fit(M, specs[layer])
+          new = views_lib.put(new, view, grid.round(M))
+      except ValueError as e:
+        raise ValueError(f"{layer}: {e}") from None
+      fitted.add(layer, grid, view)
+    out.append(new)
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), fitted
 
 

@@ -126,72 +126,74 @@ def test_run_bytelm_tiny_gpfq_msq(tmp_path):
   _run_tiny(tmp_path, ("gpfq", "msq"))
 
 
-def test_per_channel_rtn_against_numpy():
+def _tiny_task(seed=0):
+  """A Task on an untrained tiny byte LM (the layouts do not need training)."""
   from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  rng = np.random.default_rng(0)
-  w = rng.normal(size=(6, 5)).astype(np.float32)
-  attn = rng.normal(size=(6, 2, 3)).astype(np.float32)
-  out = rng.normal(size=(2, 3, 6)).astype(np.float32)
-  params = {"d": {"kernel": w, "bias": np.ones(5, np.float32)},
-            "attn": {"query": {"kernel": attn}, "out": {"kernel": out}}}
-  q = transformers.per_channel_rtn(params, 3)
-
-  def ref(m):  # symmetric 3-bit grid per column: scale = max|w| / 3, codes -4..3
-    s = np.abs(m).max(0) / 3
-    return np.clip(np.round(m / s), -4, 3) * s
-
-  np.testing.assert_allclose(q["d"]["kernel"], ref(w), rtol=1e-6)
-  np.testing.assert_array_equal(q["d"]["bias"], params["d"]["bias"])
-  np.testing.assert_allclose(q["attn"]["query"]["kernel"],
-                             ref(attn.reshape(6, 6)).reshape(6, 2, 3), rtol=1e-6)
-  np.testing.assert_allclose(q["attn"]["out"]["kernel"],
-                             ref(out.reshape(6, 6)).reshape(2, 3, 6), rtol=1e-6)
-  for leaf in jax.tree_util.tree_leaves(q):
-    assert leaf.dtype == np.float32
-  with pytest.raises(ValueError, match="bits must be in 2..16"):
-    transformers.per_channel_rtn(params, 1)
+  model = ByteLM(**TINY)
+  x = jax.random.randint(jax.random.key(seed), (4, 16), 0, 256, jnp.int32)
+  params = model.init(jax.random.key(seed + 1), x)["params"]
+  return transformers.Task("bytelm", params, lambda p, b: model.apply({"params": p}, b), x,
+                           transformers.bytelm_task_config())
 
 
-def _attention_params(rng):
-  return {"d": {"kernel": rng.normal(size=(8, 5)).astype(np.float32),
-                "bias": np.ones(5, np.float32)},
-          "attn": {"query": {"kernel": rng.normal(size=(8, 2, 3)).astype(np.float32)},
-                   "out": {"kernel": rng.normal(size=(2, 4, 6)).astype(np.float32)}}}
+def _old_matrix_shape(name, w):
+  """The reshape the experiment used before the driver's views: attention q/k/v kernels
+  (in, heads, head_dim) as (in, heads * head_dim), every other kernel as (rest, out)."""
+  if np.ndim(w) == 3 and name.split("/")[-1] in ("query", "key", "value"):
+    return w.shape[0], int(np.prod(w.shape[1:]))
+  return int(np.prod(w.shape[:-1])), w.shape[-1]
 
 
-def test_grid_rtn_channel_is_per_channel_rtn():
+def _kernels(params):
+  from qjax import rules  # pylint: disable=g-import-not-at-top
+  return {rules.path_name(p): w for p, w in jax.tree_util.tree_leaves_with_path(params)
+          if rules.key_name(p[-1]) == "kernel"}
+
+
+def test_driver_views_of_the_byte_lm_are_plain_reshapes():
+  """Every kernel's driver matrix is a reshape of the leaf (the old rule), so RTN on the views
+  rounds exactly the matrices the experiment's RTN rounded before: its rows do not change."""
+  from qjax import views  # pylint: disable=g-import-not-at-top
   from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  params = _attention_params(np.random.default_rng(1))
-  for bits in (8, 4, 3):
-    q = transformers.grid_rtn(params, transformers.grid_spec("channel", bits))
-    ref = transformers.per_channel_rtn(params, bits)
-    for a, b in zip(jax.tree_util.tree_leaves(q), jax.tree_util.tree_leaves(ref)):
-      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-      assert a.shape == b.shape
+  task = _tiny_task()
+  v = transformers.kernel_views(task)
+  kernels = _kernels(task.params)
+  assert set(kernels) <= set(v) and "block0/attn/query" in kernels
+  for name, w in kernels.items():
+    assert v[name] == views.of_index(np.arange(w.size).reshape(_old_matrix_shape(name, w)))
+  emb = task.params["embed"]["embedding"]  # the tied output projection: E^T
+  np.testing.assert_array_equal(views.matrix(emb, v["embed/embedding"]), emb.T)
+  assert transformers.kernel_views(task) is v  # traced once per task
 
 
-def test_grid_rtn_groups_against_numpy():
+@pytest.mark.parametrize("grid", ["channel", "g4"])
+def test_grid_rtn_against_numpy(grid):
   from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  params = _attention_params(np.random.default_rng(2))
-  q = transformers.grid_rtn(params, transformers.grid_spec("g4", 3))
+  task = _tiny_task(1)
+  spec = transformers.grid_spec(grid, 3)
+  q = transformers.grid_rtn(task, spec)
+  if grid == "channel":  # the 'rtn-channel' method is the same rounding
+    jax.tree.map(np.testing.assert_array_equal,
+                 transformers.QUANTIZERS["rtn-channel"](task, 3)[0], q)
+  g = spec.group_size or 10**9
 
-  def ref(m):  # symmetric 3-bit grid per (group of 4 rows, column): codes -4..3
+  def ref(m):  # symmetric 3-bit grid per (group of g rows, column): codes -4..3
     out = np.empty_like(m)
-    for r in range(0, m.shape[0], 4):
-      blk = m[r:r + 4]
+    for r in range(0, m.shape[0], g):
+      blk = m[r:r + g]
       s = np.abs(blk).max(0) / 3
-      out[r:r + 4] = np.clip(np.round(blk / s), -4, 3) * s
+      out[r:r + g] = np.clip(np.round(blk / s), -4, 3) * s
     return out
 
-  w = params["d"]["kernel"]
-  np.testing.assert_allclose(q["d"]["kernel"], ref(w), rtol=1e-5, atol=1e-6)
-  a = params["attn"]["query"]["kernel"]  # driver matrix (in, heads * head_dim)
-  np.testing.assert_allclose(q["attn"]["query"]["kernel"],
-                             ref(a.reshape(8, 6)).reshape(8, 2, 3), rtol=1e-5, atol=1e-6)
-  o = params["attn"]["out"]["kernel"]  # driver matrix (heads * head_dim, out)
-  np.testing.assert_allclose(q["attn"]["out"]["kernel"],
-                             ref(o.reshape(8, 6)).reshape(2, 4, 6), rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(q["d"]["bias"], params["d"]["bias"])
+  q_kernels = _kernels(q)
+  for name, w in _kernels(task.params).items():
+    w = np.asarray(w)
+    shape = _old_matrix_shape(name, w)
+    np.testing.assert_allclose(np.reshape(q_kernels[name], shape), ref(w.reshape(shape)),
+                               rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(q["embed"]["embedding"], task.params["embed"]["embedding"])
+  np.testing.assert_array_equal(q["block0"]["mlp_in"]["bias"],
+                                task.params["block0"]["mlp_in"]["bias"])
 
 
 def test_grid_spec_names():
@@ -224,7 +226,7 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
   task = transformers.Task("bytelm", params, lm.apply_fn, calib, transformers.bytelm_task_config())
   for name in ("channel", "g16"):
     spec = transformers.grid_spec(name, 3)
-    rtn = transformers.grid_rtn(params, spec)
+    rtn = transformers.grid_rtn(task, spec)
     _, gptq_grids = qjax.gptq(params, lm.apply_fn, calib, bits=3, granularity=spec.granularity,
                               group_size=spec.group_size, symmetric=True, static_groups=True,
                               skip="embed", progress=False, return_grids=True)[1:]
@@ -241,21 +243,21 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
         for part in layer.split("/"):
           node_w, node_q = node_w[part], node_q[part]
         w, qk = node_w["kernel"], node_q["kernel"]
-        shape = transformers._driver_matrix_shape(  # pylint: disable=protected-access
-            (jax.tree_util.DictKey(layer.split("/")[-1]), jax.tree_util.DictKey("kernel")), w)
+        view = transformers.kernel_views(task)[layer]
+        shape = view.shape
         # RTN (quantize_rtn on the driver's matrix) fits the same grid as GPTQ and GPFQ ...
-        rtn_grid = qjax.grids.fit(np.reshape(w, shape), spec)
+        rtn_grid = qjax.grids.fit(qjax.views.matrix(w, view), spec)
         np.testing.assert_allclose(np.asarray(rtn_grid.scale), np.asarray(g.scale), rtol=1e-6)
         # ... and every weight of Q is one of its 2^b levels: scale * (code - 2^(b-1))
         scale = np.repeat(np.asarray(g.scale), spec.group_size or shape[0], axis=0)[:shape[0]]
-        codes = np.reshape(qk, shape) / scale + 4
+        codes = np.asarray(qjax.views.matrix(qk, view)) / scale + 4
         np.testing.assert_allclose(codes, np.round(codes), atol=1e-3)
         assert codes.min() > -1e-3 and codes.max() < 7 + 1e-3
         node_r = rtn
         for part in layer.split("/"):
           node_r = node_r[part]
-        np.testing.assert_allclose(np.reshape(node_r["kernel"], shape),
-                                   np.asarray(rtn_grid.round(np.reshape(w, shape))), atol=1e-6)
+        np.testing.assert_allclose(qjax.views.matrix(node_r["kernel"], view),
+                                   rtn_grid.round(qjax.views.matrix(w, view)), atol=1e-6)
 
 
 def test_transformers_config_validation():

@@ -1,15 +1,18 @@
 """Integer export (qjax.export): packing, exact round trips, orbax save/restore, byte counts."""
 import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
 
+import qjax
 from qjax import alphabets
 from qjax import export
 from qjax import grids
+from qjax import views
 
 
 def _kernel(seed, shape):
@@ -119,3 +122,98 @@ def test_rtn_pack_unpack_save_restore(tmp_path):
   assert 0 <= overhead <= 8192 + 600 * arrays, (on_disk, payload)
   assert export.save(tmp_path / "zstd", packed, compress=True) < on_disk
   jax.tree.map(np.testing.assert_array_equal, export.unpack(export.restore(tmp_path / "zstd")), q)
+
+
+# --------------------------------------------------------------------------------------------
+# Grids of the driver's matrices (qjax.gptq / qjax.gpfq return_grids): packed exactly.
+
+
+class _Cell(nn.Module):
+  @nn.compact
+  def __call__(self, h, _):
+    return nn.tanh(nn.DenseGeneral((2, 3), name="qkv")(h).reshape(h.shape)), None
+
+
+class _Stacked(nn.Module):
+  """Conv (rows channel-major), a scan-stacked DenseGeneral (3, 6, 2, 3): slices 'stack/qkv[i]'
+  with matrices (6, 6), an Einsum kernel used transposed, a tied embedding (E^T)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(6, (3, 3), name="conv")(x))  # matrix (27, 6): groups of 4, last short
+    h = jnp.mean(h, axis=(1, 2))
+    h, _ = nn.scan(_Cell, variable_axes={"params": 0}, split_rngs={"params": True},
+                   length=3)(name="stack")(h, None)
+    e = nn.Einsum((5, 6), "bd,fd->bf", name="ein")(h)
+    return nn.Embed(9, 5, name="embed").attend(nn.tanh(e))
+
+
+def _stacked(seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((16, 5, 5, 3)), jnp.float32)
+  draw = lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype)  # noqa: E731
+  return _Stacked(), jax.tree.map(draw, jax.eval_shape(_Stacked().init, jax.random.key(0), x)), x
+
+
+def _assert_round_trip(q, targets, tmp_path=None):
+  packed = export.pack(q, targets)
+  jax.tree.map(np.testing.assert_array_equal, export.unpack(packed), q)
+  if tmp_path is not None:
+    export.save(tmp_path, packed)
+    restored = export.restore(tmp_path)
+    jax.tree.map(np.testing.assert_array_equal, export.unpack(restored), q)
+  return packed
+
+
+def test_gptq_and_gpfq_grids_of_every_layout_round_trip(tmp_path):
+  """Group grids on the conv's channel-major rows, on a stacked DenseGeneral's slices (packed as
+  one kernel), on a transposed Einsum kernel and a tied embedding: unpack(pack) == Q exactly."""
+  model, params, x = _stacked()
+  spec = grids.GridSpec(3, "group", 4, symmetric=False)
+  q, _, t = qjax.gptq(params, model.apply, x, bits=3, granularity="group", group_size=4,
+                      progress=False, return_grids=True)  # dynamic groups (the reference's)
+  assert sorted(t) == ["conv", "ein", "embed/embedding", "stack/qkv[0]", "stack/qkv[1]",
+                       "stack/qkv[2]"]
+  packed = _assert_round_trip(q, t, tmp_path / "gptq")
+  conv = packed["params"]["conv"]["kernel"]
+  assert conv.view == t.views["conv"] and conv.view.shape == (27, 6)  # rows (Cin, kh, kw)
+  stack = packed["params"]["stack"]["qkv"]["kernel"]
+  assert stack.view.shape == (6, 18) and stack.scale.shape == (2, 18)  # 3 slices side by side
+  rep = export.report(packed)
+  assert rep["weights"] == 3 * 3 * 3 * 6 + 3 * 6 * 2 * 3 + 5 * 6 + 9 * 5  # every kernel once
+  # Without the views the conv's group grid is read on the wrong rows.
+  with pytest.raises(ValueError, match="conv: value .* is not on its grid"):
+    export.pack(q, dict(t))
+  export.pack(q, dict(t), views=t.views)  # explicit views do the same as Targets'
+
+
+def test_gpfq_msq_and_rtn_on_driver_views_round_trip():
+  """GPFQ on a grid / a per-tensor grid / the paper's alphabets (stacked slices: the union of
+  their levels), MSQ on a grid, RTN on the driver's views: unpack(pack) == Q exactly."""
+  model, params, x = _stacked()
+  spec = grids.GridSpec(3, "group", 4, symmetric=False)
+  for kw in (dict(grid=spec), dict(grid=grids.GridSpec(2, "tensor")), dict(bits=2)):
+    q, _, t = qjax.gpfq(params, model.apply, x, progress=False, return_grids=True, **kw)
+    _assert_round_trip(q, t)
+  q, _, t = qjax.quantize_msq(params, model.apply, x, grid=spec, progress=False,
+                              return_grids=True)
+  _assert_round_trip(q, t)
+  q_rtn, t_rtn = qjax.quantize_rtn(params, spec, views=views.kernel_views(params, model.apply, x))
+  _assert_round_trip(q_rtn, t_rtn)
+
+
+def test_stacked_slices_that_cannot_form_one_kernel():
+  model, params, x = _stacked()
+  q, _, t = qjax.gptq(params, model.apply, x, bits=3, skip=r"qkv\[1\]", progress=False,
+                      return_grids=True)
+  with pytest.raises(ValueError, match=r"stack/qkv: the view covers 72 of the kernel's 108 "
+                     "entries.*a target for every slice"):
+    export.pack(q, t)
+  q, _, t = qjax.gptq(params, model.apply, x, bits={r"qkv\[1\]": 4, "default": 3},
+                      progress=False, return_grids=True)
+  with pytest.raises(ValueError, match=r"stack/qkv: slice 'stack/qkv\[1\]' has a 4-bit grid"):
+    export.pack(q, t)
+  with pytest.raises(ValueError, match="targets name the whole kernel and its slices"):
+    export.pack(q, dict(t, **{"stack/qkv": t["stack/qkv[0]"]}))
+  with pytest.raises(ValueError, match=r"views name no parameter: \['nope'\]"):
+    export.pack(q, t, views={"nope": t.views["conv"]})

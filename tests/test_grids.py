@@ -1,5 +1,6 @@
 """Uniform integer grids (qjax.grids): fits, rounding onto the grid, codes, rounders, errors."""
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,3 +296,147 @@ def test_grid_and_stochastic_rounders_on_a_mesh_match_one_device():
       np.testing.assert_array_equal(
           qjax.gpfq_layer(W, X, Xt, r, method=method, mesh=mesh),
           qjax.gpfq_layer(W, X, Xt, r, method=method))
+
+
+# --------------------------------------------------------------------------------------------
+# Matrix views (qjax.views): RTN on the driver's matrices rounds onto GPTQ's and GPFQ's grids.
+
+
+def test_of_index_round_trips_strided_layouts():
+  """Transpose / reshape / reversal chains of a leaf are strided views; anything else is not."""
+  from qjax import views
+  rng = np.random.default_rng(0)
+  for shape in [(3, 3, 2, 4), (4, 2, 3), (7, 5), (2, 3, 4, 5), (1, 6), (6, 1)]:
+    iota = np.arange(np.prod(shape)).reshape(shape)
+    for _ in range(4):
+      a = np.transpose(iota, rng.permutation(len(shape)))
+      if rng.random() < 0.5:
+        a = np.flip(a, axis=int(rng.integers(a.ndim)))
+      cut = int(rng.integers(1, a.ndim))
+      index = a.reshape(int(np.prod(a.shape[:cut])), -1)
+      view = views.of_index(index)
+      np.testing.assert_array_equal(view.index(), index)
+      assert view.shape == index.shape and len(view.sizes) <= len(shape) + 1
+  assert views.of_index(np.arange(24).reshape(8, 3)) == views.default((4, 2, 3))
+  # A reshape that cuts the digits of a transpose, then another transpose: no strided layout.
+  bad = np.arange(6).reshape(2, 3).T.reshape(2, 3).T  # [[0, 4], [3, 2], [1, 5]]
+  with pytest.raises(ValueError, match="not a strided layout"):
+    views.of_index(bad)
+  with pytest.raises(ValueError, match="2-D integer"):
+    views.of_index(np.arange(6.0).reshape(2, 3))
+  assert views.split_name("a/Dense_0[2][1]") == ("a/Dense_0", (2, 1))
+  assert views.split_name("a/Dense_0") == ("a/Dense_0", ())
+  np.testing.assert_array_equal(views.default((3, 4, 2), (1,)).index(),
+                                np.arange(8, 16).reshape(4, 2))
+
+
+def test_view_errors_name_the_layer():
+  from qjax import views
+  W = {"d": {"kernel": jnp.ones((4, 3))}}
+  spec = grids.GridSpec(4)
+  with pytest.raises(ValueError, match="'e' names no parameter"):
+    grids.quantize_rtn(W, spec, views={"e": np.arange(12).reshape(4, 3)})
+  with pytest.raises(ValueError, match=r"views\['d'\].*indexes entries \[1, 12\]"):
+    grids.quantize_rtn(W, spec, views={"d": np.arange(1, 13).reshape(4, 3)})
+  with pytest.raises(ValueError, match=r"views\['d'\].*twice"):
+    grids.quantize_rtn(W, spec, views={"d": np.zeros((4, 3), np.int64)})
+  with pytest.raises(ValueError, match="whole leaf and of its slices"):
+    grids.quantize_rtn(W, spec, views={"d": np.arange(12).reshape(4, 3),
+                                       "d[0]": np.arange(3).reshape(1, 3)})
+  with pytest.raises(ValueError, match=r"views\['d'\].*non-empty 2-D"):
+    grids.quantize_rtn(W, spec, views={"d": views.View((0, 3), 0, (0,), (1,))})
+
+
+class _Layouts(nn.Module):
+  """A weight op of every layout whose matrix is not `as_matrix` of its leaf (and one that is)."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(4, (3, 3), name="conv0")(x))        # (3,3,2,4): rows (Cin, kh, kw), 18
+    h = nn.relu(nn.Conv(4, (3, 3), name="conv1")(h))        # (3,3,4,4): 36 rows
+    h = nn.avg_pool(h, (2, 2), (2, 2)).reshape(x.shape[0], -1, 4)
+    q = nn.DenseGeneral((2, 3), name="qproj")(h)            # (4,2,3) -> (4, 6)
+    o = nn.DenseGeneral(5, axis=(-2, -1), name="oproj")(nn.tanh(q))  # (2,3,5) -> (6, 5)
+    e = nn.Einsum((7, 5), "btd,fd->btf", name="ein")(nn.tanh(o))    # (7,5) -> its transpose
+    return nn.Embed(11, 7, name="embed").attend(nn.tanh(e))          # (11,7) -> E^T (7, 11)
+
+
+def _layouts(seed=0):
+  """(model, params, x); params drawn from the shapes (no init: it compiles every layer)."""
+  x = jax.random.normal(jax.random.key(seed), (4, 6, 6, 2))
+  model = _Layouts()
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype),
+                        jax.eval_shape(model.init, jax.random.key(0), x))
+  return model, params, x
+
+
+def _by_name(params):
+  from qjax import rules
+  return {rules.path_name(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(params)}
+
+
+def test_kernel_views_are_the_driver_matrices():
+  from qjax import views
+  model, params, x = _layouts()
+  v = views.kernel_views(params, model.apply, x)
+  leaves = _by_name(params)
+  expect = {"conv0": leaves["conv0"].transpose(2, 0, 1, 3).reshape(18, 4),
+            "conv1": leaves["conv1"].transpose(2, 0, 1, 3).reshape(36, 4),
+            "qproj": leaves["qproj"].reshape(4, 6), "oproj": leaves["oproj"].reshape(6, 5),
+            "ein": leaves["ein"].T, "embed/embedding": leaves["embed/embedding"].T}
+  assert sorted(v) == sorted(expect)
+  for name, M in expect.items():
+    np.testing.assert_array_equal(views.matrix(leaves[name], v[name]), M)
+  assert v["oproj"] == views.default((2, 3, 5))  # the one layout as_matrix gets right
+
+
+@pytest.mark.parametrize("spec", [grids.GridSpec(3, "group", 4, symmetric=True),
+                                  grids.GridSpec(4, "channel", symmetric=False)])
+def test_rtn_on_driver_views_uses_the_levels_gptq_and_msq_fit(spec):
+  """Group size 4: conv0's 18 rows end in a short group, conv1's 36 do not. RTN on the driver's
+  views fits GPTQ's grids (static groups) and is MSQ on them; every weight of both is a level."""
+  import qjax
+  from qjax import views
+  model, params, x = _layouts()
+  v = views.kernel_views(params, model.apply, x)
+  mask = jax.tree_util.tree_map(lambda leaf: np.ndim(leaf) >= 2, params)  # + the embedding
+  q_rtn, t_rtn = qjax.quantize_rtn(params, spec, mask=mask, views=v)
+  assert sorted(t_rtn.views) == sorted(v)
+  q_gptq, _, t_gptq = qjax.gptq(params, model.apply, x, bits=spec.bits,
+                                granularity=spec.granularity, group_size=spec.group_size,
+                                symmetric=spec.symmetric, static_groups=True, progress=False,
+                                return_grids=True)
+  q_msq, _ = qjax.quantize_msq(params, model.apply, x, grid=spec, progress=False)
+  assert sorted(t_gptq) == sorted(v) and t_gptq.views == v
+  w, r, g, m = _by_name(params), _by_name(q_rtn), _by_name(q_gptq), _by_name(q_msq)
+  for name, view in v.items():
+    grid = t_gptq[name]
+    assert grid.num_groups == spec.num_groups(view.shape[0])
+    np.testing.assert_array_equal(t_rtn[name].scale, grid.scale)
+    np.testing.assert_array_equal(t_rtn[name].zero, grid.zero)
+    M_w, M_r, M_g = (views.matrix(a[name], view) for a in (w, r, g))
+    np.testing.assert_array_equal(M_r, grid.round(M_w))  # RTN = nearest level of GPTQ's grid
+    np.testing.assert_array_equal(grid.round(M_g), M_g)  # GPTQ's Q on its grid
+    np.testing.assert_array_equal(m[name], r[name])      # MSQ on the grid is RTN
+
+
+def test_rtn_per_channel_of_a_dense_general_kernel():
+  """The q projection (in, heads, head_dim): a channel is one (head, dim) column of the (in,
+  heads*head_dim) matrix, as GPTQ quantizes it, not a head_dim column of as_matrix (8, 3)."""
+  import qjax
+  from qjax import views
+  model, params, x = _layouts()
+  spec = grids.GridSpec(3, "channel")
+  k = np.asarray(params["params"]["qproj"]["kernel"]).reshape(4, 6)
+  scale = np.abs(k).max(0) * np.float32(1 / 3)
+  ref = (np.clip(np.round(k / scale) + 4, 0, 7) - 4) * scale  # per column of (4, 6), NumPy
+  q, t = qjax.quantize_rtn(params, spec, views=views.kernel_views(params, model.apply, x))
+  np.testing.assert_allclose(np.asarray(q["params"]["qproj"]["kernel"]).reshape(4, 6), ref,
+                             rtol=1e-6)
+  _, _, t_gptq = qjax.gptq(params, model.apply, x, bits=3, symmetric=True, skip="^(?!qproj)",
+                           progress=False, return_grids=True)
+  np.testing.assert_array_equal(t["qproj"].scale, t_gptq["qproj"].scale)
+  chex.assert_shape(t_gptq["qproj"].scale, (1, 6))
+  _, t_default = qjax.quantize_rtn(params, spec)  # no views: as_matrix, other channels
+  chex.assert_shape(t_default["qproj"].scale, (1, 3))

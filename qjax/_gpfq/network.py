@@ -17,7 +17,8 @@ baseline, Eq. 5). Both are `quantize_layer` functions of `qjax.driver.run`.
 With `grid=` (a `qjax.grids.GridSpec`, or {regex: GridSpec} rules) the per-layer alphabet is
 replaced by the grid fitted on the layer's matrix (per tensor / channel / group): GPFQ rounds row
 t of neuron j onto the grid of (group of t, j), MSQ is nearest rounding onto it (= RTN,
-`qjax.quantize_rtn`), so both use the levels `qjax.gptq` and `qjax.quantize_rtn` use.
+`qjax.quantize_rtn` on the driver's views, `qjax.views`), so both use the levels `qjax.gptq`
+and `qjax.quantize_rtn` use.
 `quantizer=` picks GPFQ's Q_t (msq, SPFQ's stochastic rounding, L0 / L1 thresholding).
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ from qjax import alphabets
 from qjax import driver
 from qjax import grids
 from qjax import rules
+from qjax import views as views_lib
 from qjax._gpfq.layer import gpfq_layer
 from qjax._gpfq.sharded import resolve_mesh
 from qjax.driver import LayerRecord, Report, UnsupportedLayerWarning, format_report
@@ -148,7 +150,9 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
       else:
         Q = _gpfq_groups(W, chunks, info, rounders(W, info, fitted), method, mesh, data_axis,
                          model_axis).astype(W.dtype)
-      if grids_out is not None:
+      if isinstance(grids_out, views_lib.Targets):
+        grids_out.add(name, fitted, info.leaf_index())
+      elif grids_out is not None:
         grids_out[name] = fitted
       return Q, dict(bits=spec.bits, msq_error=info.error(rtn_Q), sparsity=_sparsity(Q))
     if not bool(jnp.any(W != 0)):  # an all-zero kernel is already on every alphabet
@@ -264,9 +268,9 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
   options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
                  key=key, progress=progress, method=quantizer)
-  make = lambda c, g=None: _quantizer(  # noqa: E731
+  make = lambda c, g=None, out=grids_out: _quantizer(  # noqa: E731
       quantizer, c, rule, method, mesh, data_axis, model_axis, grid=g, quantizer=rounding,
-      key=round_key, lambda_=lambda_, grids_out=grids_out)
+      key=round_key, lambda_=lambda_, grids_out=out)
 
   # -- the grid's layers: fitted per layer, no C.
   if grid is not None:
@@ -305,14 +309,19 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
     best = None
     scores = []
     for c in grid:
-      q_params, report = driver.execute(prep, make(c), **options)
+      out = None if grids_out is None else views_lib.Targets()  # the alphabets of this C
+      q_params, report = driver.execute(prep, make(c, out=out), **options)
       q_vars = {"params": q_params} if prep.wrapped else q_params
       loss = float(loss_fn(forward(q_vars, hold), float_out))
       passes += report.forward_passes + 1
       scores.append((c, loss))
       if best is None or loss < best[0]:
-        best, C = (loss, (q_params, report)), c
-    q_params, report = best[1]
+        best, C = (loss, (q_params, report, out)), c
+    q_params, report, out = best[1]
+    if grids_out is not None:  # the alphabets of the chosen C
+      grids_out.update(out)
+      if isinstance(grids_out, views_lib.Targets):
+        grids_out.views.update(out.views)
     search = tuple(scores)
   report = Report(method=quantizer, rule=rule, C=C, layers=report.layers, C_search=search,
                   bias_shift=report.bias_shift, seconds=time.perf_counter() - start,
@@ -365,16 +374,18 @@ _COMMON_DOC = """
       / channel / group, symmetric or not, max or MSE scale) fitted on each layer's matrix, or
       {regex: GridSpec or None} rules (`qjax.rules`; None leaves the layer float). `bits`, `C`
       and `C_grid` must then be None. Per-tensor and per-channel grids are exactly those of
-      `qjax.quantize_rtn` and `qjax.gptq`; a conv layer's groups run over the driver's
-      channel-major rows (Cin, kh, kw), as in `qjax.gptq`.
+      `qjax.gptq` and of `qjax.quantize_rtn` with `views=qjax.views.kernel_views(...)`: each
+      layer's own matrix (a conv's rows channel-major (Cin, kh, kw), a DenseGeneral kernel
+      (in, heads, head_dim) as (in, heads*head_dim), ...).
     quantizer: (`gpfq` only) Q_t of Eq. (7)-(8): 'msq' (nearest level, the default),
       'stochastic' (SPFQ's unbiased random rounding; needs an explicit `key`, layer i draws
       with fold_in(fold_in(key, salt), i)), 'hard_threshold' / 'soft_threshold' (L0 / L1
       thresholding by `lambda_` before rounding: sparser Q). The report's 'sparse' column is
       the fraction of zeros in each layer's Q.
     lambda_: (`gpfq` only) the threshold of the thresholding quantizers, in weight units.
-    return_grids: also return {layer name: fitted `qjax.grids.Grid`, or the alphabet} (on the
-      driver's matrices; for `qjax.export`).
+    return_grids: also return a `qjax.views.Targets` {layer name: fitted `qjax.grids.Grid`, or
+      the alphabet} that carries each grid's view (the layer's matrix), so
+      `qjax.export.pack(q, grids)` packs every layer exactly.
 
   Returns:
     (quantized params, same tree structure and container types, runnable with the unchanged
@@ -403,7 +414,7 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
          model_axis: str | None = "model", grid: GridRules | None = None,
          quantizer: str = "msq", lambda_: float | None = None,
          return_grids: bool = False) -> tuple[PyTree, Report]:
-  fitted: dict = {}
+  fitted = views_lib.Targets()
   q_params, report = _run(
       "gpfq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
       last_layer_float=last_layer_float, bias_correction=bias_correction, patch_p=patch_p,
@@ -424,7 +435,7 @@ def quantize_msq(params: PyTree, apply_fn: Callable, batch: PyTree, *,
                  apply_kwargs: Mapping[str, Any] | None = None,
                  progress: bool = True, grid: GridRules | None = None,
                  return_grids: bool = False) -> tuple[PyTree, Report]:
-  fitted: dict = {}
+  fitted = views_lib.Targets()
   q_params, report = _run(
       "msq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
       last_layer_float=last_layer_float, bias_correction=bias_correction, patch_p=patch_p,

@@ -54,44 +54,26 @@ class Task:
   calibration: PyTree             # a pytree of arrays, examples on the leading axis
   config: ml_collections.ConfigDict
   gpfq_C: dict = dataclasses.field(default_factory=dict)  # bits -> C used by GPFQ (for MSQ)
+  views: dict | None = None       # the driver's matrix views (`kernel_views`), made once
 
 
 class Skip(Exception):
   """A method that cannot run on this model yet; the reason is printed, no row is made."""
 
 
-def _is_kernel(path: tuple, leaf: Any) -> bool:
-  return getattr(path[-1], "key", None) == "kernel" and np.ndim(leaf) >= 2
+def kernel_views(task: Task) -> dict:
+  """The driver's matrix of every weight op (`qjax.views.kernel_views`, traced once per task):
+  RTN rounds the matrices GPTQ and GPFQ quantize (an attention q/k/v kernel (in, heads,
+  head_dim) as (in, heads*head_dim), its output kernel as (heads*head_dim, out))."""
+  if task.views is None:
+    task.views = qjax.views.kernel_views(task.params, task.apply_fn, task.calibration)
+  return task.views
 
 
-def per_channel_rtn(params: PyTree, bits: int) -> PyTree:
-  """Round-to-nearest on a symmetric grid per output channel (per neuron) of every kernel.
-
-  The levels are {-2^(b-1), ..., 2^(b-1) - 1} x scale with scale = max|w| / (2^(b-1) - 1) over
-  the channel (GPTQ's symmetric grid, Frantar et al. 2023). A Dense kernel (in, out) has `out`
-  channels; an attention kernel (in, heads, head_dim) has heads x head_dim, and the output
-  projection (heads, head_dim, out) has `out`.
-  """
-  bits = rules.check_bits(bits, low=2)
-  half = 2 ** (bits - 1) - 1
-
-  def leaf_fn(path, w):
-    if not _is_kernel(path, w):
-      return w
-    name = getattr(path[-2], "key", "") if len(path) >= 2 else ""
-    w = jnp.asarray(w)
-    if w.ndim == 3 and name == "out":  # attention output (heads, head_dim, out)
-      m = w.reshape(-1, w.shape[-1])
-    elif w.ndim == 3:                  # attention query/key/value (in, heads, head_dim)
-      m = w.reshape(w.shape[0], -1)
-    else:                              # Dense (in, out), conv (..., in, out)
-      m = w.reshape(-1, w.shape[-1])
-    absmax = jnp.max(jnp.abs(m), axis=0, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / half, 1.0)
-    q = jnp.clip(jnp.round(m / scale), -half - 1, half) * scale
-    return np.asarray(q.reshape(w.shape).astype(w.dtype))
-
-  return jax.tree_util.tree_map_with_path(leaf_fn, params)
+def grid_rtn(task: Task, spec: "qjax.grids.GridSpec") -> PyTree:
+  """`qjax.quantize_rtn` of every kernel on the driver's views (the tied embedding, not a
+  'kernel' leaf, stays float): the levels GPTQ and GPFQ use on the same GridSpec."""
+  return qjax.quantize_rtn(task.params, spec, views=kernel_views(task))[0]
 
 
 def _check_report(report: Any, method: str) -> None:
@@ -151,7 +133,7 @@ def _msq(task: Task, bits: int) -> tuple[PyTree, dict]:
 # name -> fn(task, bits) -> (quantized bare params, extra row columns).
 QUANTIZERS: dict[str, Callable[[Task, int], tuple[PyTree, dict]]] = {
     "rtn": lambda task, bits: (qjax.quantize_uniform(task.params, int(bits)), {}),
-    "rtn-channel": lambda task, bits: (per_channel_rtn(task.params, int(bits)), {}),
+    "rtn-channel": lambda task, bits: (grid_rtn(task, grid_spec("channel", bits)), {}),
     "gpfq": _gpfq,
     "msq": _msq,
 }
@@ -172,35 +154,8 @@ def grid_spec(name: str, bits: int) -> "qjax.grids.GridSpec":
   return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=True)
 
 
-def _driver_matrix_shape(path: tuple, w: Any) -> tuple[int, int]:
-  """The (N0, N1) matrix the driver quantizes: attention q/k/v kernels (in, heads, head_dim) as
-  (in, heads * head_dim), the attention output (heads, head_dim, out) and Dense/conv kernels as
-  (rest, out)."""
-  name = getattr(path[-2], "key", "") if len(path) >= 2 else ""
-  if np.ndim(w) == 3 and name in ("query", "key", "value"):
-    return w.shape[0], int(np.prod(w.shape[1:]))
-  return int(np.prod(w.shape[:-1])), w.shape[-1]
-
-
-def grid_rtn(params: PyTree, spec: "qjax.grids.GridSpec") -> PyTree:
-  """`qjax.quantize_rtn` on each kernel viewed as the driver's matrix, so RTN rounds onto exactly
-  the grids GPTQ and GPFQ fit (an attention q/k/v kernel's channels are heads x head_dim)."""
-  shapes = {}
-
-  def to_matrix(path, w):
-    if not _is_kernel(path, w):
-      return w
-    shapes[path] = np.shape(w)
-    return jnp.reshape(w, _driver_matrix_shape(path, w))
-
-  flat = jax.tree_util.tree_map_with_path(to_matrix, params)
-  q, _ = qjax.quantize_rtn(flat, spec)
-  return jax.tree_util.tree_map_with_path(
-      lambda path, w: jnp.reshape(w, shapes[path]) if path in shapes else w, q)
-
-
 def _grid_rtn(task: Task, spec) -> tuple[PyTree, dict]:
-  return grid_rtn(task.params, spec), {}
+  return grid_rtn(task, spec), {}
 
 
 def _gptq(task: Task, spec) -> tuple[PyTree, dict]:
