@@ -631,6 +631,7 @@ class _Lockstep:
         s.status == "quantize" for s in steps) else []
     self.store = list(self.program.leaves)  # current quantized-stream value of each leaf
     self.stack: list[tuple] = []
+    self.last_rows: dict[int, tuple] = {}  # batch -> (x, x~, layout, rows) of the last dot stop
     self.records: dict[int, LayerRecord] = {}
     self.pending: dict[int, tuple[list, float]] = {}  # index -> (device residuals, seconds)
     self.quantizer_seconds = 0.0
@@ -827,11 +828,15 @@ class _Lockstep:
         same = same and x is xt
         k = key if b == 0 else jax.random.fold_in(key, b)
 
-        def make(x=x, xt=xt, k=k):
-          if xt is x:
-            X = to_rows(x, k)
-            return X, X
-          return pair_rows(x, xt, k)
+        def make(x=x, xt=xt, k=k, b=b):
+          # Layers reading the same operands (q/k/v projections) share a dot op's rows.
+          hit = self.last_rows.get(b)
+          if op.op == "dot_general" and hit and hit[0] is x and hit[1] is xt and hit[2] == layout:
+            return hit[3]
+          rows = (lambda X: (X, X))(to_rows(x, k)) if xt is x else pair_rows(x, xt, k)
+          if op.op == "dot_general" and len(envs_f) == 1:
+            self.last_rows[b] = (x, xt, layout, rows)
+          return rows
         makers.append(make)
       chunks = Chunks(makers)
       if (layout.kind == "dot_general" and layout.groups == 1 and W_op.ndim == 2
@@ -859,7 +864,9 @@ class _Lockstep:
       if getattr(Q, "shape", None) != W.shape:
         raise ValueError(f"layer {op.name!r}: quantize_layer returned shape "
                          f"{getattr(Q, 'shape', None)}, expected W's {W.shape}")
-      Q_op = program_lib.matrix_to_weight(Q, layout).astype(W_op.dtype)
+      Q_op = program_lib.matrix_to_weight(Q, layout)
+      if Q_op.dtype != W_op.dtype:
+        Q_op = Q_op.astype(W_op.dtype)
       self.store[op.leaf] = program_lib.write_back(self.store[op.leaf], op.prov, Q_op)
       self.refresh(op.leaf)
       fields = dict(status="quantized", bits=step.bits, rows=rows, error=None)

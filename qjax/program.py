@@ -104,7 +104,7 @@ def write_back(leaf_value: jax.Array, prov: Prov, operand: jax.Array) -> jax.Arr
   flat leaf indices tells where each operand entry lives in the leaf.
   """
   if not prov.steps and operand.shape == leaf_value.shape:  # the leaf is the operand
-    return operand.astype(leaf_value.dtype)
+    return operand if operand.dtype == leaf_value.dtype else operand.astype(leaf_value.dtype)
   leaf_value = jnp.asarray(leaf_value)  # a NumPy leaf has no .at
   iota = jnp.arange(math.prod(leaf_value.shape), dtype=jnp.int32).reshape(leaf_value.shape)
   where = apply_steps(iota, prov.steps, index_only=True)
