@@ -358,7 +358,8 @@ def fit(W: Any, spec: GridSpec | None = None, **kwargs) -> Grid:
   """Fit a grid to a kernel: `fit(W, GridSpec(4, "group", 128))` or `fit(W, bits=4, ...)`.
 
   Args:
-    W: (N0, N1) kernel, or a conv kernel (fitted on its (kh*kw*Cin, Cout) matrix).
+    W: (N0, N1) kernel, or a conv kernel (fitted on its `as_matrix` (kh*kw*Cin, Cout)); for
+      the driver's matrix of a leaf pass `qjax.views.matrix(leaf, view)`.
     spec: a GridSpec; or its fields as keyword arguments.
 
   Returns:

@@ -217,3 +217,17 @@ def test_stacked_slices_that_cannot_form_one_kernel():
     export.pack(q, dict(t, **{"stack/qkv": t["stack/qkv[0]"]}))
   with pytest.raises(ValueError, match=r"views name no parameter: \['nope'\]"):
     export.pack(q, t, views={"nope": t.views["conv"]})
+
+
+def test_gpfq_c_search_returns_the_alphabets_of_the_chosen_c():
+  """With C_grid, return_grids holds the alphabets of the C that won (not of the last tried)."""
+  rng = np.random.default_rng(5)
+  params = {"w1": jnp.asarray(rng.standard_normal((6, 8)) / 3, jnp.float32),
+            "w2": jnp.asarray(rng.standard_normal((8, 3)) / 3, jnp.float32)}
+  x = jnp.asarray(rng.standard_normal((40, 6)), jnp.float32)
+  apply = lambda p, b: jnp.tanh(b @ p["w1"]) @ p["w2"]  # noqa: E731
+  q, report, t = qjax.gpfq(params, apply, x, bits=2, C_grid=(1.0, 40.0), progress=False,
+                           return_grids=True)
+  assert report.C == 1.0  # C = 40 spreads 5 levels over 40x the weights' range
+  np.testing.assert_array_equal(t["w1"], alphabets.levels_for(params["w1"], 2, 1.0, "paper"))
+  _assert_round_trip(q, t)
