@@ -231,3 +231,30 @@ def test_gpfq_c_search_returns_the_alphabets_of_the_chosen_c():
   assert report.C == 1.0  # C = 40 spreads 5 levels over 40x the weights' range
   np.testing.assert_array_equal(t["w1"], alphabets.levels_for(params["w1"], 2, 1.0, "paper"))
   _assert_round_trip(q, t)
+
+
+class _Grouped(nn.Module):
+  """Independent problems side by side in one matrix: a grouped conv, per-expert weights."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Conv(6, (3, 3), feature_group_count=2, name="gconv")(x))  # (3,3,2,6)
+    h = jnp.mean(h, axis=(1, 2)).reshape(x.shape[0], 2, 3)
+    w = self.param("experts", nn.initializers.normal(1.0), (2, 3, 5))  # batch dim e: 2 problems
+    return jnp.einsum("bei,eio->beo", h, w)
+
+
+def test_grouped_problems_round_trip():
+  x = jax.random.normal(jax.random.key(0), (16, 5, 5, 4))
+  model = _Grouped()
+  params = model.init(jax.random.key(1), x)
+  v = views.kernel_views(params, model.apply, x)
+  assert v["gconv"].shape == (18, 6) and v["experts"].shape == (3, 10)
+  spec = grids.GridSpec(3, "group", 4)
+  q, _, t = qjax.gptq(params, model.apply, x, bits=3, granularity="group", group_size=4,
+                      progress=False, return_grids=True)
+  _assert_round_trip(q, t)
+  q, _, t = qjax.gpfq(params, model.apply, x, grid=spec, progress=False, return_grids=True)
+  _assert_round_trip(q, t)
+  q, t = qjax.quantize_rtn(params, spec, views=v, mask=jax.tree.map(lambda w: w.ndim >= 2, params))
+  _assert_round_trip(q, t)
