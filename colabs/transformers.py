@@ -69,7 +69,7 @@ print(f"float: {float_bpb:.3f} bits/byte; unigram byte model: "
 
 # %% [markdown]
 # RTN, GPTQ and GPFQ on the same grid. The byte LM's tied embedding stays float (`skip`), and
-# RTN views each attention kernel as the matrix the driver quantizes (`transformers.grid_rtn`),
+# RTN views each attention kernel as the matrix the driver quantizes (`qjax.views.kernel_views`),
 # so the three methods round onto identical levels.
 
 # %%
@@ -77,7 +77,8 @@ def quantize_three(params, apply_fn, calib, spec, skip=None):
   """{method: (quantized params, seconds)} on the GridSpec `spec`."""
   out = {}
   start = time.perf_counter()
-  out["rtn"] = (transformers.grid_rtn(params, spec), time.perf_counter() - start)
+  views = qjax.views.kernel_views(params, apply_fn, calib)
+  out["rtn"] = (qjax.quantize_rtn(params, spec, views=views)[0], time.perf_counter() - start)
   start = time.perf_counter()
   q, _ = qjax.gptq(params, apply_fn, calib, bits=spec.bits, granularity=spec.granularity,
                    group_size=spec.group_size, symmetric=True, static_groups=True, skip=skip,
