@@ -1,8 +1,8 @@
 """Benchmark of the network driver: the one-pass lockstep driver against the old per-layer one.
 
 Two models: a 12-block pre-LN transformer encoder (attention and MLP projections all nn.Dense,
-so the old driver, which saw only nn.Dense / nn.Conv, quantizes the same 72 layers) and
-ResNet-18 at 224x224, each on a small seeded calibration batch. For each driver: wall time of a
+so the old driver, which saw only nn.Dense / nn.Conv, quantizes the same 72 layers), on 4 x 32
+and on 16 x 128 tokens, and ResNet-18 at 224x224 on 4 images, all seeded. For each driver: wall time of a
 first (cold: compiles included) and a second (warm) quantization, the forward passes it ran, the
 seconds inside the per-layer quantizer (the alphabet + `qjax.gpfq_layer`, compiles included; the
 new driver's `Report.quantizer_seconds`) and the rest, the rest in
