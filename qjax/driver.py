@@ -64,7 +64,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 import warnings
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -263,9 +262,7 @@ class LayerInfo:
   def leaf_index(self) -> np.ndarray:
     """(N0, N1) int64: the flat index into the parameter leaf (shape `leaf_shape`) of every
     entry of W, so W == leaf.reshape(-1)[leaf_index()] (a scan slice covers part of the leaf)."""
-    iota = jnp.arange(math.prod(self.leaf_shape), dtype=jnp.int32).reshape(self.leaf_shape)
-    operand = program_lib.apply_steps(iota, self.prov.steps, index_only=True)
-    return np.asarray(program_lib.weight_to_matrix(operand, self.layout), dtype=np.int64)
+    return program_lib.leaf_index(self.leaf_shape, self.prov, self.layout)
 
   def group_slices(self) -> list[tuple[slice, slice]]:
     """(data columns, W columns) of each of the `groups` independent problems."""

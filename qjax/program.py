@@ -193,6 +193,14 @@ def weight_to_matrix(w: jax.Array, layout: MatrixLayout) -> jax.Array:
   return jnp.transpose(w, (1, 0, 2)).reshape(layout.N0, layout.N1)
 
 
+def leaf_index(leaf_shape: Sequence[int], prov: Prov, layout: MatrixLayout) -> np.ndarray:
+  """(N0, N1) int64: the flat index into the leaf of every entry of the op's matrix W, so
+  W == leaf.reshape(-1)[leaf_index(...)] (a scan slice covers part of the leaf)."""
+  iota = jnp.arange(math.prod(leaf_shape), dtype=jnp.int32).reshape(tuple(leaf_shape))
+  operand = apply_steps(iota, prov.steps, index_only=True)
+  return np.asarray(weight_to_matrix(operand, layout), dtype=np.int64)
+
+
 def matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
   """Inverse of `weight_to_matrix`: W (N0, G*N1g) back to the weight operand's layout."""
   bshape, cshape, fshape = layout.w_shapes

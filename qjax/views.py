@@ -268,11 +268,8 @@ def kernel_views(params: Any, apply_fn: Any, batch: Any,
       continue
     seen.add(key)
     shape = tuple(np.shape(program.leaves[op.leaf]))
-    # The flat index of every entry, carried through the op's layout chain: the map
-    # W == leaf.reshape(-1)[index] (`qjax.driver.LayerInfo.leaf_index`).
-    iota = jnp.arange(math.prod(shape), dtype=jnp.int32).reshape(shape)
-    operand = program_lib.apply_steps(iota, op.prov.steps, index_only=True)
-    index = np.asarray(program_lib.weight_to_matrix(operand, op.layout), np.int64)
+    # W == leaf.reshape(-1)[index], as the driver's LayerInfo.leaf_index.
+    index = program_lib.leaf_index(shape, op.prov, op.layout)
     try:
       out[op.name] = of_index(index)
     except ValueError as e:
