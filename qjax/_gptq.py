@@ -298,13 +298,13 @@ def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = Non
                    symmetric: bool = False, scale_method: str = "max",
                    alphabet: str | None = None, C: float = 1.0, block_size: int = 128,
                    damp: float = 0.01, act_order: bool = False, static_groups: bool = False,
-                   grids_out: dict | None = None):
+                   grids_out: views_lib.Targets | None = None):
   """The GPTQ `quantize_layer` for `qjax.driver.run`: H = sum over chunks of X~^T X~ per
   independent problem, the layer's grid `GridSpec(info.bits, granularity, ...)` (or the GPFQ
   alphabet `qjax.alphabets.levels_for(W, bits, C, alphabet)`), then `gptq_layer`; the extras
-  record the RTN (MSQ) error on the same grid and data. Fitted grids go into `grids_out`
-  {layer name: Grid or alphabet} when given; a `qjax.views.Targets` also records each grid's
-  view (the driver's matrix of the layer, `info.leaf_index()`) for `qjax.export.pack`."""
+  record the RTN (MSQ) error on the same grid and data. Fitted grids go into `grids_out` (a
+  `qjax.views.Targets` {layer name: Grid or alphabet}) when given, each grid with its view (the
+  driver's matrix of the layer, `info.leaf_index()`) for `qjax.export.pack`."""
   def quantize_layer(name: str, W: jax.Array, chunks, info):
     W = jnp.asarray(W, jnp.float32)
     if alphabet is not None:
@@ -335,10 +335,9 @@ def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = Non
           symmetric=gs[0].symmetric, group_size=gs[0].group_size, per_tensor=False)
       # RTN on the same grid (for dynamic groups: the grid GPTQ ended with).
       rtn = grid.round(W)
-    if isinstance(grids_out, views_lib.Targets) and grid is not None:
-      grids_out.add(name, grid, info.leaf_index())
-    elif grids_out is not None:
-      grids_out[name] = target if grid is None else grid
+    if grids_out is not None:  # an alphabet (grid None) is one set of levels: no view needed
+      grids_out.add(name, target if grid is None else grid,
+                    None if grid is None else info.leaf_index())
     return Q, dict(msq_error=info.error(rtn))
   return quantize_layer
 

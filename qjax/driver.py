@@ -139,9 +139,10 @@ class Report:
     forward_passes: program evaluations run (a stream over one calibration batch counts one).
     quantizer_seconds: wall time inside the per-layer quantizers (the rest is forward passes,
       data matrices, the `error` diagnostics and bookkeeping).
-    error_seconds: wall time of the driver's `error` diagnostics (a dot_general layer's from
-      the two streams' own outputs of the op; a conv layer's: two products on its sampled
-      rows), dispatched per layer and fetched in one transfer at the end.
+    error_seconds: wall time of the driver's `error` diagnostics outside the streams (a conv
+      layer's two products on its sampled rows, and the one transfer that fetches every
+      layer's at the end); a dot_general layer's come from the two streams' own outputs of the
+      op inside the streams' segment calls, so their time counts there.
     other_params: (name, reason) of parameters that are not a weight op's weight or bias.
   """
   method: str
@@ -628,7 +629,7 @@ class _Lockstep:
         s.status == "quantize" for s in steps) else []
     self.store = list(self.program.leaves)  # current quantized-stream value of each leaf
     self.stack: list[tuple] = []
-    self.last_rows: dict[int, tuple] = {}  # batch -> (x, x~, layout, rows) of the last dot stop
+    self.last_rows: tuple | None = None  # (x, x~, layout, rows) of the last dot stop (1 batch)
     self.records: dict[int, LayerRecord] = {}
     self.pending: dict[int, tuple[list, float]] = {}  # index -> (device residuals, seconds)
     self.quantizer_seconds = 0.0
@@ -825,14 +826,19 @@ class _Lockstep:
         same = same and x is xt
         k = key if b == 0 else jax.random.fold_in(key, b)
 
-        def make(x=x, xt=xt, k=k, b=b):
+        def make(x=x, xt=xt, k=k):
           # Layers reading the same operands (q/k/v projections) share a dot op's rows.
-          hit = self.last_rows.get(b)
-          if op.op == "dot_general" and hit and hit[0] is x and hit[1] is xt and hit[2] == layout:
+          share = op.op == "dot_general" and len(envs_f) == 1
+          hit = self.last_rows
+          if share and hit and hit[0] is x and hit[1] is xt and hit[2] == layout:
             return hit[3]
-          rows = (lambda X: (X, X))(to_rows(x, k)) if xt is x else pair_rows(x, xt, k)
-          if op.op == "dot_general" and len(envs_f) == 1:
-            self.last_rows[b] = (x, xt, layout, rows)
+          if xt is x:
+            X = to_rows(x, k)
+            rows = X, X
+          else:
+            rows = pair_rows(x, xt, k)
+          if share:
+            self.last_rows = (x, xt, layout, rows)
           return rows
         makers.append(make)
       chunks = Chunks(makers)

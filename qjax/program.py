@@ -97,6 +97,12 @@ def apply_steps(value: jax.Array, steps: Sequence[tuple], *, index_only: bool = 
   return value
 
 
+def operand_index(leaf_shape: Sequence[int], prov: Prov) -> jax.Array:
+  """int32, the operand's shape: the flat leaf index of every entry of the operand."""
+  iota = jnp.arange(math.prod(leaf_shape), dtype=jnp.int32).reshape(tuple(leaf_shape))
+  return apply_steps(iota, prov.steps, index_only=True)
+
+
 def write_back(leaf_value: jax.Array, prov: Prov, operand: jax.Array) -> jax.Array:
   """The leaf with the entries that `prov.steps` maps onto the operand replaced by `operand`.
 
@@ -106,8 +112,7 @@ def write_back(leaf_value: jax.Array, prov: Prov, operand: jax.Array) -> jax.Arr
   if not prov.steps and operand.shape == leaf_value.shape:  # the leaf is the operand
     return operand if operand.dtype == leaf_value.dtype else operand.astype(leaf_value.dtype)
   leaf_value = jnp.asarray(leaf_value)  # a NumPy leaf has no .at
-  iota = jnp.arange(math.prod(leaf_value.shape), dtype=jnp.int32).reshape(leaf_value.shape)
-  where = apply_steps(iota, prov.steps, index_only=True)
+  where = operand_index(leaf_value.shape, prov)
   flat = leaf_value.reshape(-1).at[where.reshape(-1)].set(
       operand.reshape(-1).astype(leaf_value.dtype))
   return flat.reshape(leaf_value.shape)
@@ -196,9 +201,7 @@ def weight_to_matrix(w: jax.Array, layout: MatrixLayout) -> jax.Array:
 def leaf_index(leaf_shape: Sequence[int], prov: Prov, layout: MatrixLayout) -> np.ndarray:
   """(N0, N1) int64: the flat index into the leaf of every entry of the op's matrix W, so
   W == leaf.reshape(-1)[leaf_index(...)] (a scan slice covers part of the leaf)."""
-  iota = jnp.arange(math.prod(leaf_shape), dtype=jnp.int32).reshape(tuple(leaf_shape))
-  operand = apply_steps(iota, prov.steps, index_only=True)
-  return np.asarray(weight_to_matrix(operand, layout), dtype=np.int64)
+  return np.asarray(weight_to_matrix(operand_index(leaf_shape, prov), layout), dtype=np.int64)
 
 
 def matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:

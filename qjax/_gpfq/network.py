@@ -123,7 +123,7 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
                data_axis: str | None = "data", model_axis: str | None = "model", *,
                grid: Mapping[str, grids.GridSpec] | grids.GridSpec | None = None,
                quantizer: str = "msq", key: jax.Array | None = None, lambda_: Any = None,
-               grids_out: dict | None = None) -> Callable:
+               grids_out: views_lib.Targets | None = None) -> Callable:
   """`grid`: a GridSpec for every layer or {layer name: GridSpec} (already resolved); `key`:
   the stochastic quantizer's key (layer i uses fold_in(key, i), problem g of it fold_in(., g))."""
   mesh = resolve_mesh(mesh) if kind == "gpfq" else None
@@ -150,10 +150,8 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
       else:
         Q = _gpfq_groups(W, chunks, info, rounders(W, info, fitted), method, mesh, data_axis,
                          model_axis).astype(W.dtype)
-      if isinstance(grids_out, views_lib.Targets):
+      if grids_out is not None:
         grids_out.add(name, fitted, info.leaf_index())
-      elif grids_out is not None:
-        grids_out[name] = fitted
       return Q, dict(bits=spec.bits, msq_error=info.error(rtn_Q), sparsity=_sparsity(Q))
     if not bool(jnp.any(W != 0)):  # an all-zero kernel is already on every alphabet
       return W, dict(delta=0.0, msq_error=info.error(W), sparsity=_sparsity(W))
@@ -233,7 +231,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
          holdout_loss: Callable | None, apply_kwargs: Mapping[str, Any] | None,
          progress: bool, mesh: Any = None, data_axis: str | None = "data",
          model_axis: str | None = "model", grid: Any = None, rounding: str = "msq",
-         lambda_: Any = None, grids_out: dict | None = None) -> tuple[PyTree, Report]:
+         lambda_: Any = None, grids_out: views_lib.Targets | None = None) -> tuple[PyTree, Report]:
   start = time.perf_counter()
   # -- eager validation, cheapest first.
   if rule not in DEFAULT_C:
@@ -320,8 +318,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
     q_params, report, out = best[1]
     if grids_out is not None:  # the alphabets of the chosen C
       grids_out.update(out)
-      if isinstance(grids_out, views_lib.Targets):
-        grids_out.views.update(out.views)
+      grids_out.views.update(out.views)
     search = tuple(scores)
   report = Report(method=quantizer, rule=rule, C=C, layers=report.layers, C_search=search,
                   bias_shift=report.bias_shift, seconds=time.perf_counter() - start,
