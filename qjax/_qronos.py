@@ -186,3 +186,142 @@ def qronos_layer(W: Any, X: Any, X_tilde: Any, grid: Any, *, damp: float = 0.01,
     return Q, grid
   return Q, grids_lib.Grid(scale, zero, bits=spec.bits, symmetric=spec.symmetric,
                            group_size=spec.group_size, per_tensor=spec.granularity == "tensor")
+
+
+# ------------------------------------------------------------------------------------------------
+# The whole network on the one-pass driver (qjax.driver).
+
+
+def qronos_quantizer(*, granularity: str = "channel", group_size: int | None = None,
+                     symmetric: bool = False, scale_method: str = "max",
+                     alphabet: str | None = None, C: float = 1.0, block_size: int = 128,
+                     damp: float = 0.01, damp_rule: DampRule = "mean", act_order: bool = False,
+                     grids_out: views_lib.Targets | None = None):
+  """The Qronos `quantize_layer` for `qjax.driver.run`: per independent problem, H = X~^T X~
+  and G = X~^T X summed over the chunks, the layer's grid `GridSpec(info.bits, granularity,
+  ...)` (or the GPFQ alphabet), then `qronos_layer`; extras: the RTN (MSQ) error on the same grid.
+  Fitted grids go into `grids_out` with their views, as `qjax._gptq.gptq_quantizer`."""
+  def quantize_layer(name: str, W: jax.Array, chunks, info):
+    W = jnp.asarray(W, jnp.float32)
+    if alphabet is not None:
+      target = alphabets.levels_for(W, info.bits, C, alphabet) if bool(jnp.any(W != 0)) else (
+          jnp.zeros((1,), jnp.float32))
+    else:
+      target = grids_lib.GridSpec(info.bits, granularity, group_size, symmetric=symmetric,
+                                  method=scale_method)
+    slices = info.group_slices()
+    Qs, gs = [], []
+    for rows, cols in slices:
+      data = chunks if len(slices) == 1 else [(x[:, rows], xt[:, rows]) for x, xt in chunks]
+      Q, g = qronos_layer(W[:, cols], data, None, target, damp=damp, damp_rule=damp_rule,
+                          act_order=act_order, block_size=block_size, return_grid=True,
+                          layer=name)
+      Qs.append(Q)
+      gs.append(g)
+    Q = jnp.concatenate(Qs, axis=1) if len(Qs) > 1 else Qs[0]
+    if alphabet is not None:
+      rtn, grid = alphabets.msq(W, target), None
+    else:
+      grid = gs[0] if len(gs) == 1 else grids_lib.Grid(
+          jnp.concatenate([g.scale for g in gs], axis=1),
+          jnp.concatenate([g.zero for g in gs], axis=1), bits=gs[0].bits,
+          symmetric=gs[0].symmetric, group_size=gs[0].group_size, per_tensor=False)
+      rtn = grid.round(W)
+    if grids_out is not None:
+      grids_out.add(name, target if grid is None else grid,
+                    None if grid is None else info.leaf_index())
+    return Q, dict(msq_error=info.error(rtn))
+  return quantize_layer
+
+
+def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
+           granularity: str = "channel", group_size: int | None = None, symmetric: bool = False,
+           scale_method: str = "max", alphabet: str | None = None, C: float = 1.0,
+           block_size: int = 128, damp: float = 0.01, damp_rule: DampRule = "mean",
+           damp_grid: Iterable[float] | None = None, holdout_fraction: float = 0.2,
+           holdout_loss: Any = None, act_order: bool = False, skip: str | None = None,
+           last_layer_float: bool = False, bias_correction: bool = False, patch_p: float = 1.0,
+           patch_stride: str = "layer", key: Any = None, apply_kwargs: Any = None,
+           progress: bool = True, return_grids: bool = False):
+  """Quantize any JAX model with Qronos, layer by layer in program order, on `qjax.driver`.
+
+  Layer i sees X from the float network and X~ from the network with layers < i quantized, both
+  on `batch` in one lockstep pass (as `qjax.gpfq`), and runs `qronos_layer` on H = X~^T X~ and
+  G = X~^T X. Grids, bits rules, skip, patches, report and export as `qjax.gptq`.
+
+  Args:
+    params, apply_fn, batch, bits, granularity, group_size, symmetric, scale_method, alphabet,
+      C, block_size, skip, last_layer_float, bias_correction, patch_p, patch_stride, key,
+      apply_kwargs, progress, return_grids: as `qjax.gptq`.
+    damp, damp_rule, act_order: as `qronos_layer`.
+    damp_grid: values of damp to try: the network is quantized on the first
+      1 - holdout_fraction of the (single) batch for each, and the one with the least
+      `holdout_loss` (default: relative output error ||f_q - f||^2 / ||f||^2) on the held-out
+      tail wins; the report's `damp` is the choice and `C_search` the (damp, loss) pairs. Never
+      give it test data: shuffle the calibration batch first.
+
+  Returns:
+    (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
+  """
+  import dataclasses
+  import time
+  from qjax import driver
+  from qjax._gpfq.network import holdout_size, output_error
+  start = time.perf_counter()
+  if alphabet is None:
+    grids_lib.GridSpec(4, granularity, group_size, symmetric=symmetric, method=scale_method)
+  elif alphabet not in ("paper", "reference", "uniform"):
+    raise ValueError(f"alphabet must be None, 'paper', 'reference' or 'uniform', got "
+                     f"{alphabet!r}")
+  damps = (damp,) if damp_grid is None else tuple(damp_grid)
+  if not damps:
+    raise ValueError("damp_grid must hold at least one value")
+  damps = tuple(_check_damp(d, damp_rule) for d in damps)
+  if damp_grid is not None and not 0.0 < holdout_fraction < 1.0:
+    raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
+  driver.check_options(patch_p, patch_stride, key)
+  options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
+                 bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
+                 key=key, progress=progress, method="qronos")
+
+  def make(d, out):
+    return qronos_quantizer(granularity=granularity, group_size=group_size, symmetric=symmetric,
+                            scale_method=scale_method, alphabet=alphabet, C=C,
+                            block_size=block_size, damp=d, damp_rule=damp_rule,
+                            act_order=act_order, grids_out=out)
+
+  if damp_grid is None:
+    fitted = views_lib.Targets()
+    prep = driver.prepare(params, apply_fn, batch, apply_kwargs)
+    q_params, report = driver.execute(prep, make(damps[0], fitted), **options)
+    report = dataclasses.replace(report, damp=damps[0], seconds=time.perf_counter() - start)
+    return (q_params, report, fitted) if return_grids else (q_params, report)
+
+  batches = driver.as_batches(batch)
+  if len(batches) != 1:
+    raise ValueError(f"damp_grid needs one calibration batch (its tail is held out), got "
+                     f"{len(batches)} batches")
+  n = driver.leading_size(batches[0])
+  n_hold = holdout_size(n, holdout_fraction)
+  if n - n_hold < 1:
+    raise ValueError(f"holdout_fraction={holdout_fraction} leaves no calibration rows of {n}")
+  calib = jax.tree_util.tree_map(lambda x: x[:n - n_hold], batches[0])
+  hold = jax.tree_util.tree_map(lambda x: x[n - n_hold:], batches[0])
+  prep = driver.prepare(params, apply_fn, calib, apply_kwargs)
+  forward = jax.jit(prep.fn)
+  float_out = forward(prep.params, hold)
+  loss_fn = output_error if holdout_loss is None else holdout_loss
+  best, scores, passes = None, [], 1
+  for d in damps:
+    out = views_lib.Targets()
+    q_params, report = driver.execute(prep, make(d, out), **options)
+    q_vars = {"params": q_params} if prep.wrapped else q_params
+    loss = float(loss_fn(forward(q_vars, hold), float_out))
+    passes += report.forward_passes + 1
+    scores.append((d, loss))
+    if best is None or loss < best[0]:
+      best = (loss, d, q_params, report, out)
+  _, d, q_params, report, fitted = best
+  report = dataclasses.replace(report, damp=d, C_search=tuple(scores), forward_passes=passes,
+                               seconds=time.perf_counter() - start)
+  return (q_params, report, fitted) if return_grids else (q_params, report)

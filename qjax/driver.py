@@ -144,6 +144,8 @@ class Report:
       layer's at the end); a dot_general layer's come from the two streams' own outputs of the
       op inside the streams' segment calls, so their time counts there.
     other_params: (name, reason) of parameters that are not a weight op's weight or bias.
+    damp: the damping used by `qjax.qronos` (chosen by its damp search when given; None
+      elsewhere); C_search then holds (damp, held-out loss).
   """
   method: str
   rule: str | None
@@ -156,6 +158,7 @@ class Report:
   quantizer_seconds: float = 0.0
   error_seconds: float = 0.0
   other_params: tuple[tuple[str, str], ...] = ()
+  damp: float | None = None
 
   def __str__(self) -> str:
     return format_report(self)
@@ -171,6 +174,8 @@ def format_report(report: Report) -> str:
     title += f"  rule={report.rule}"
   if report.C is not None:
     title += f"  C={report.C:g}"
+  if report.damp is not None:
+    title += f"  damp={report.damp:g}"
   lines = [title, head, "-" * len(head)]
   fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
   for r in report.layers:
@@ -183,7 +188,8 @@ def format_report(report: Report) -> str:
   for name, reason in report.other_params:
     lines.append(f"{name:<{width}} stays float: {reason}")
   if report.C_search:
-    lines.append("C search (held-out loss): " + ", ".join(
+    what = "damp" if report.damp is not None else "C"
+    lines.append(f"{what} search (held-out loss): " + ", ".join(
         f"{c:g}: {loss:.4g}" for c, loss in report.C_search))
   if report.bias_shift is not None:
     lines.append(f"bias correction on the last layer: ||shift|| = {report.bias_shift:.4g}")

@@ -171,3 +171,46 @@ class QronosReferenceTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="layer 'fc1'.*Cholesky.*raise damp or use more "
                                          "calibration data"):
       qjax.qronos_layer(W, X, low, spec, damp=1e-30, layer="fc1")
+
+
+def _mlp(p, x):
+  return jax.nn.relu(x @ p["w1"] + p["b1"][None, :]) @ p["w2"]
+
+
+def _mlp_problem():
+  k = jax.random.split(jax.random.key(7), 4)
+  params = {"w1": jax.random.normal(k[0], (12, 20)) / 3, "b1": 0.1 * jax.random.normal(k[1], (20,)),
+            "w2": jax.random.normal(k[2], (20, 5)) / 4}
+  return params, jax.random.normal(k[3], (64, 12))
+
+
+def test_qronos_network_plain_mlp_matches_layer_calls():
+  params, x = _mlp_problem()
+  spec = grids.GridSpec(3, "group", 8, symmetric=False)
+  q, report, fitted = qjax.qronos(params, _mlp, x, bits=3, granularity="group", group_size=8,
+                                  act_order=True, damp=0.05, progress=False, return_grids=True)
+  assert [r.path for r in report.layers] == ["w1", "w2"] and report.damp == 0.05
+  assert "QRONOS" in str(report) and "damp=0.05" in str(report)
+  # Layer 1 sees X~ = X (GPTQ); layer 2 the float and the quantized streams' inputs.
+  Q1 = qjax.qronos_layer(params["w1"], x, x, spec, act_order=True, damp=0.05)
+  np.testing.assert_allclose(q["w1"], Q1, rtol=0, atol=1e-6)
+  h, ht = (jax.nn.relu(x @ w + params["b1"][None, :]) for w in (params["w1"], Q1))
+  Q2 = qjax.qronos_layer(params["w2"], h, ht, spec, act_order=True, damp=0.05)
+  np.testing.assert_allclose(q["w2"], Q2, rtol=0, atol=1e-6)
+  for name in ("w1", "w2"):
+    np.testing.assert_array_equal(fitted[name].round(q[name]), q[name])
+
+
+def test_qronos_damp_search_on_holdout():
+  params, x = _mlp_problem()
+  q, report = qjax.qronos(params, _mlp, x, bits=3, damp_grid=(1e-3, 0.1, 1.0),
+                          holdout_fraction=0.25, progress=False)
+  damps, losses = zip(*report.C_search)
+  assert damps == (1e-3, 0.1, 1.0) and report.damp == damps[int(np.argmin(losses))]
+  assert "damp search (held-out loss)" in str(report)
+  q_best, _ = qjax.qronos(params, _mlp, x[:48], bits=3, damp=report.damp, progress=False)
+  jax.tree.map(np.testing.assert_array_equal, q, q_best)  # fitted on the first 48 rows only
+  with pytest.raises(ValueError, match="damp must be finite and > 0"):
+    qjax.qronos(params, _mlp, x, damp_grid=(0.1, 0.0), progress=False)
+  with pytest.raises(ValueError, match="damp must be finite and > 0"):
+    qjax.qronos(params, _mlp, x, damp=float("nan"), progress=False)
