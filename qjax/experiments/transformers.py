@@ -171,13 +171,47 @@ def _gptq(task: Task, spec) -> tuple[PyTree, dict]:
   return q, {"layers": _layer_errors(report)}
 
 
-def _gpfq_grid(task: Task, spec) -> tuple[PyTree, dict]:
+def _gpfq_grid(task: Task, spec, act_order: bool = False) -> tuple[PyTree, dict]:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec,
-                          skip=_skip(task), progress=False)
+                          skip=_skip(task), act_order=act_order, progress=False)
   _check_report(report, "gpfq")
   return q, {"layers": _layer_errors(report)}
+
+
+def _gptq_act(task: Task, spec) -> tuple[PyTree, dict]:
+  """GPTQ with act-order (static groups, so the levels stay those of RTN): the strong baseline."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
+                          granularity=spec.granularity, group_size=spec.group_size,
+                          symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
+                          static_groups=True, skip=_skip(task), progress=False)
+  _check_report(report, "gptq-act")
+  return q, {"layers": _layer_errors(report)}
+
+
+# Qronos' damping (fraction of mean diag(X~^T X~)), chosen per setting on the held-out tail of
+# the calibration batch (never the test split), then refitted on the whole batch.
+QRONOS_DAMP_GRID = (0.03, 0.1, 0.3)
+
+
+def _qronos(task: Task, spec) -> tuple[PyTree, dict]:
+  """Qronos with act-order on the same GridSpec; damp searched over `QRONOS_DAMP_GRID`."""
+  kw = dict(bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size,
+            symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
+            skip=_skip(task), progress=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    damp = QRONOS_DAMP_GRID[0]
+    if len(QRONOS_DAMP_GRID) > 1:
+      _, search = qjax.qronos(task.params, task.apply_fn, task.calibration,
+                              damp_grid=QRONOS_DAMP_GRID, holdout_fraction=0.2, **kw)
+      damp = search.damp
+    q, report = qjax.qronos(task.params, task.apply_fn, task.calibration, damp=damp, **kw)
+  _check_report(report, "qronos")
+  return q, {"damp": damp, "layers": _layer_errors(report)}
 
 
 # name -> (row method, fn(task, GridSpec) -> (quantized bare params, extra row columns)); each
@@ -186,6 +220,9 @@ GRID_QUANTIZERS: dict[str, tuple[str, Callable[[Task, Any], tuple[PyTree, dict]]
     "rtn-grid": ("rtn", _grid_rtn),
     "gptq": ("gptq", _gptq),
     "gpfq-grid": ("gpfq", _gpfq_grid),
+    "gptq-act": ("gptq-act", _gptq_act),
+    "gpfq-act": ("gpfq-act", lambda task, spec: _gpfq_grid(task, spec, act_order=True)),
+    "qronos": ("qronos", _qronos),
 }
 # Row labels of the methods on GPFQ's per-layer alphabet / per-tensor grids.
 _GRID_OF = {"rtn": "tensor", "rtn-channel": "channel", "gpfq": "paper", "msq": "paper"}
