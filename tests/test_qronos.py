@@ -199,6 +199,8 @@ def test_qronos_network_plain_mlp_matches_layer_calls():
   np.testing.assert_allclose(q["w2"], Q2, rtol=0, atol=1e-6)
   for name in ("w1", "w2"):
     np.testing.assert_array_equal(fitted[name].round(q[name]), q[name])
+  packed = qjax.export.pack(q, fitted)  # integer export of the grids Qronos rounded onto
+  jax.tree.map(np.testing.assert_array_equal, qjax.export.unpack(packed), q)
 
 
 def test_qronos_damp_search_on_holdout():
