@@ -1,0 +1,114 @@
+"""Weights fitted to fake-quantized inputs: act= in qjax.driver, qjax.gptq and qjax.gpfq."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import qjax
+from qjax import _gptq
+from qjax import driver
+
+from test_activations import np_fake_quant
+
+F32 = np.float32
+
+
+def _params():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"w1": jax.random.normal(k1, (8, 8)), "w2": jax.random.normal(k2, (8, 4)) * 0.3}
+
+
+def _x(seed=1):
+  return jax.random.normal(jax.random.key(seed), (64, 8))
+
+
+def _residual(p, x):
+  return (x @ p["w1"] + x) @ p["w2"]  # x is read by the weight op and by the add
+
+
+def test_quantized_stream_feeds_fake_quantized_inputs_only_to_the_op():
+  p, x = _params(), _x()
+  seen = {}
+
+  def identity(name, W, chunks, info):
+    seen[name] = [(np.asarray(a), np.asarray(b)) for a, b in chunks]
+    return W
+
+  spec = qjax.ActSpec(bits=4, granularity="token")
+  _, report = driver.run(p, _residual, x, identity, act=spec)
+  X1, Xt1 = seen["w1"][0]
+  np.testing.assert_allclose(X1, x)
+  np.testing.assert_allclose(Xt1, np_fake_quant(x, 4, per_token=True), atol=1e-6)
+  # w2's input in the quantized stream: the op saw fq(x), the residual add the float x.
+  h = np_fake_quant(x, 4, per_token=True) @ np.asarray(p["w1"]) + np.asarray(x)
+  X2, Xt2 = seen["w2"][0]
+  np.testing.assert_allclose(X2, np.asarray(x @ p["w1"] + x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(Xt2, np_fake_quant(h, 4, per_token=True), rtol=1e-4, atol=1e-4)
+  assert report.act_scales is None  # dynamic: nothing calibrated
+  # The report's error is the deployed one: ||X W - X^~ Q|| with Q = W.
+  ref = np.linalg.norm(X2 @ np.asarray(p["w2"]) - Xt2 @ np.asarray(p["w2"])) / np.linalg.norm(
+      X2 @ np.asarray(p["w2"]))
+  np.testing.assert_allclose(report.layers[1].error, ref, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_gptq_H_is_gram_of_fake_quantized_inputs(monkeypatch, dynamic):
+  p, x = _params(), _x()
+  Hs = []
+  layer = _gptq.gptq_layer
+
+  def spy(W, H, grid, **kw):
+    Hs.append(np.asarray(H))
+    return layer(W, H, grid, **kw)
+
+  monkeypatch.setattr(_gptq, "gptq_layer", spy)
+  mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+  spec = qjax.ActSpec(bits=8, dynamic=dynamic)
+  q, report = qjax.gptq(p, mlp, x, bits=4, act=spec, progress=False)
+  if dynamic:
+    fq = lambda v, name: np_fake_quant(v, 8)  # noqa: E731
+  else:
+    # Static scales were calibrated on the quantized stream: max |x~| / 127 of each layer.
+    fq = lambda v, name: np_fake_quant(  # noqa: E731
+        v, 8, scale=report.act_scales[name]["scale"])
+    np.testing.assert_allclose(report.act_scales["w1"]["scale"], np.abs(x).max() / 127,
+                               rtol=1e-6)
+  X1 = fq(np.asarray(x), "w1")
+  h = np.maximum(X1 @ np.asarray(q["w1"]), 0)
+  if not dynamic:
+    np.testing.assert_allclose(report.act_scales["w2"]["scale"], np.abs(h).max() / 127,
+                               rtol=1e-5)
+  X2 = fq(h, "w2")
+  np.testing.assert_allclose(Hs[0], X1.T @ X1, rtol=1e-5, atol=1e-4)
+  np.testing.assert_allclose(Hs[1], X2.T @ X2, rtol=1e-4, atol=1e-3)
+  # Not the Gram of the unquantized inputs.
+  assert not np.allclose(Hs[0], np.asarray(x).T @ np.asarray(x), rtol=1e-5, atol=1e-4)
+  # The deployed network is the quantized weights behind the same activation quantizers.
+  out = qjax.with_activation_quant(mlp, spec, report.act_scales)(q, x)
+  np.testing.assert_allclose(out, X2 @ np.asarray(q["w2"]), rtol=1e-4, atol=1e-4)
+
+
+def test_gpfq_and_given_scales():
+  p, x = _params(), _x()
+  mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+  spec = qjax.ActSpec(bits=8, dynamic=False, method="percentile", percentile=99.0)
+  scales = qjax.calibrate_activations(p, mlp, x, spec)
+  q, report = qjax.gpfq(p, mlp, x, bits=4, act=spec, act_scales=scales, progress=False)
+  assert report.act_scales.keys() == scales.keys()
+  for k in scales:  # given scales are used as they are
+    np.testing.assert_array_equal(report.act_scales[k]["scale"], scales[k]["scale"])
+  q_float, _ = qjax.gpfq(p, mlp, x, bits=4, progress=False)
+  assert not np.allclose(q["w2"], q_float["w2"])  # w2 was fitted to other inputs
+  grid = qjax.grids.GridSpec(4, "channel")
+  q_grid, r_grid = qjax.gpfq(p, mlp, x, grid=grid, act=qjax.ActSpec(bits=8, dynamic=False),
+                             progress=False)
+  assert sorted(r_grid.act_scales) == ["w1", "w2"]
+
+
+def test_bad_act_arguments():
+  p, x = _params(), _x()
+  mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+  with pytest.raises(TypeError, match="ActSpec"):
+    qjax.gptq(p, mlp, x, act=8, progress=False)
+  with pytest.raises(ValueError, match="match no layer"):
+    qjax.gpfq(p, mlp, x, act={"w7": qjax.ActSpec()}, progress=False)
