@@ -112,3 +112,25 @@ def test_bad_act_arguments():
     qjax.gptq(p, mlp, x, act=8, progress=False)
   with pytest.raises(ValueError, match="match no layer"):
     qjax.gpfq(p, mlp, x, act={"w7": qjax.ActSpec()}, progress=False)
+
+
+def test_export_stores_activation_grids(tmp_path):
+  from qjax import export
+  p, x = _params(), _x()
+  mlp = lambda p, x: jax.nn.relu(x @ p["w1"]) @ p["w2"]  # noqa: E731
+  act = {"w1": qjax.ActSpec(bits=8, dynamic=False, symmetric=False),
+         "w2": qjax.ActSpec(bits=4, granularity="token")}
+  q, report, grids = qjax.gptq(p, mlp, x, bits=4, act=act, progress=False, return_grids=True)
+  packed = export.pack(q, grids, act=act, act_scales=report.act_scales)
+  rep = export.report(packed)["layers"]
+  assert rep["w1"]["act"]["bits"] == 8 and not rep["w1"]["act"]["dynamic"]
+  np.testing.assert_allclose(rep["w1"]["act"]["scale"], report.act_scales["w1"]["scale"])
+  assert rep["w2"]["act"] == dict(fmt="int", bits=4, granularity="token", symmetric=True,
+                                  dynamic=True, scale=None, zero=None)
+  restored = export.restore(tmp_path / "ckpt") if export.save(tmp_path / "ckpt", packed) else None
+  specs, scales = export.act_rules(restored)
+  out = qjax.with_activation_quant(mlp, specs, scales)(export.unpack(restored), x)
+  ref = qjax.with_activation_quant(mlp, act, report.act_scales)(q, x)
+  np.testing.assert_array_equal(out, ref)
+  with pytest.raises(ValueError, match="layer 'w1'.*needs its scale"):
+    export.pack(q, grids, act=act)
