@@ -1,0 +1,103 @@
+"""Activation-quantization rows of the main job: W8A8 and W4A8 beside weight-only W8 / W4.
+
+For every weight bit width in `config.act.weight_bits` and every method (RTN, GPTQ, GPFQ on one
+per-channel symmetric grid per layer, `qjax.grids.GridSpec(bits, "channel")`, the same
+calibration draw and patches as the `gpfq` rows), three rows:
+
+* `<method>/a32`: weights only (float activations);
+* `<method>/a8-token`: every weight op's input quantized per token (per row of the layer's input
+  matrix: per image pixel for a conv, per example for a Dense), dynamic range, symmetric;
+* `<method>/a8-tensor`: one static per-tensor scale per layer, calibrated (min-max, or
+  `config.act.static_method`) on the quantized network's inputs in the same pass as the weights.
+
+With activations quantized, every method runs `act=`: GPTQ's H and GPFQ's X~ are the
+fake-quantized inputs of the partly quantized network, and RTN's weights are rounded without
+data while its static scales come from the same pass. Accuracy is of the network behind the same
+activation quantizers (`qjax.with_activation_quant`). Options live in `config.act`.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ml_collections
+
+import qjax
+from qjax import driver
+from qjax import grids
+from qjax import rules
+from qjax import train as train_lib
+from qjax.experiments import config_section, results
+from qjax.experiments import gpfq as gpfq_experiment
+
+METHODS = ("rtn", "gptq", "gpfq")
+
+
+def default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.weight_bits = (8, 4)           # per-channel symmetric weight grids
+  c.act_bits = 8
+  c.methods = METHODS
+  c.static_method = "max"          # 'max', 'percentile' or 'mse' for the per-tensor rows
+  c.percentile = 99.99
+  return c
+
+
+def validate(cfg: ml_collections.ConfigDict, where: str = "config.act") -> None:
+  for b in cfg.weight_bits:
+    rules.check_bits(b, f"{where}.weight_bits", low=2, high=8)
+  rules.check_bits(cfg.act_bits, f"{where}.act_bits", low=4, high=8)
+  for m in cfg.methods:
+    if m not in METHODS:
+      raise ValueError(f"{where}.methods: unknown method {m!r}; choose from {list(METHODS)}")
+  schemes(cfg)  # ActSpec checks (static_method, percentile)
+
+
+def schemes(cfg) -> dict[str, qjax.ActSpec | None]:
+  """Row suffix -> activation spec (None: float activations)."""
+  b = int(cfg.act_bits)
+  return {"a32": None,
+          f"a{b}-token": qjax.ActSpec(b, "token"),
+          f"a{b}-tensor": qjax.ActSpec(b, "tensor", dynamic=False, method=cfg.static_method,
+                                       percentile=float(cfg.percentile))}
+
+
+def _rtn_layer(name, W, chunks, info):
+  """RTN on the driver: the per-channel grid of the layer's matrix, no data."""
+  del name, chunks
+  return grids.fit(W, grids.GridSpec(info.bits, "channel", symmetric=True)).round(W)
+
+
+def quantize(ctx, method: str, bits: int, act: Any, x, common: dict, cfg_gpfq) -> tuple:
+  """(quantized variables, report) of one method at `bits` with activation spec `act`."""
+  if method == "rtn":
+    return driver.run(ctx.variables, ctx.model.apply, x, _rtn_layer, bits=bits, act=act,
+                      method="rtn", **common)
+  if method == "gptq":
+    return qjax.gptq(ctx.variables, ctx.model.apply, x, bits=bits, granularity="channel",
+                     symmetric=True, act=act, **common)
+  spec = grids.GridSpec(bits, "channel", symmetric=True)
+  return qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec, method=cfg_gpfq.method,
+                   act=act, **common)
+
+
+def rows(ctx) -> list[dict]:
+  """The rows described in the module docstring (method '<method>-pc/<scheme>', bits = weight
+  bits, column 'act' = the activation scheme)."""
+  cfg = config_section(ctx.config, "act", default_config())
+  cfg_gpfq = config_section(ctx.config, "gpfq", gpfq_experiment.default_config())
+  x, _ = gpfq_experiment._calibration(ctx, cfg_gpfq)  # noqa: SLF001 -- the same draw
+  common = gpfq_experiment._common(ctx, cfg_gpfq)  # noqa: SLF001
+  out = []
+  for bits in cfg.weight_bits:
+    for method in cfg.methods:
+      for suffix, act in schemes(cfg).items():
+        start = time.perf_counter()
+        q_vars, report = quantize(ctx, method, int(bits), act, x, common, cfg_gpfq)
+        apply_fn = ctx.model.apply if act is None else qjax.with_activation_quant(
+            ctx.model.apply, act, report.act_scales)
+        acc = train_lib.evaluate(apply_fn, q_vars, *ctx.data["test"])
+        out.append(results.accuracy_row(f"{method}-pc/{suffix}", int(bits), acc,
+                                        ctx.float_accuracy, time.perf_counter() - start,
+                                        act=suffix))
+  return out
