@@ -22,7 +22,7 @@ def test_act_rows_on_a_mock_context():
   y = np.argmax(x.reshape(200, -1)[:, :4], axis=1).astype(np.int32)
   variables = model.init(jax.random.key(0), x[:1])
   evaluate = lambda v, split="test": train.evaluate(model.apply, v, x, y)  # noqa: E731
-  config = ml_collections.ConfigDict({"act": {"weight_bits": (4,), "act_bits": 6},
+  config = ml_collections.ConfigDict({"act": {"weight_bits": (4,), "act_bits": (6,)},
                                       "gpfq": {"calibration_size": 100}})
   ctx = types.SimpleNamespace(model=model, variables=variables, data={"train": (x, y),
                                                                       "test": (x, y)},
@@ -32,7 +32,9 @@ def test_act_rows_on_a_mock_context():
   assert [r["method"] for r in rows] == [f"{m}-pc/{a}" for m in ("rtn", "gptq", "gpfq")
                                          for a in ("a32", "a6-token", "a6-tensor")]
   for r in rows:
-    assert r["bits"] == 4 and 0 <= r["accuracy"] <= 100
+    assert r["bits"] == 4 and 0 <= r["accuracy"] <= 100 and r["logit_err"] >= 0
+  by = {r["method"]: r for r in rows}
+  assert by["rtn-pc/a6-token"]["logit_err"] > by["rtn-pc/a32"]["logit_err"]
   # Weight-only RTN on the driver is qjax.quantize_rtn on the driver's views (data-free).
   views = qjax.views.kernel_views(variables, model.apply, x)
   r_vars, _ = qjax.quantize_rtn(variables, qjax.grids.GridSpec(4, "channel", symmetric=True),
@@ -45,7 +47,7 @@ def test_act_config_is_validated():
   assert config.methods == ("act",)
   classify.validate(config)
   cfg = act_experiment.default_config()
-  cfg.act_bits = 3
+  cfg.act_bits = (8, 3)
   with pytest.raises(ValueError, match=r"config.act.act_bits must be in 4..8"):
     act_experiment.validate(cfg)
   cfg = act_experiment.default_config()
