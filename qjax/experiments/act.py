@@ -72,17 +72,11 @@ def schemes(cfg) -> dict[str, qjax.ActSpec | None]:
   return out
 
 
-def _rtn_layer(name, W, chunks, info):
-  """RTN on the driver: the per-channel grid of the layer's matrix, no data."""
-  del name, chunks
-  return grids.fit(W, grids.GridSpec(info.bits, "channel", symmetric=True)).round(W)
-
-
 def quantize(ctx, method: str, bits: int, act: Any, x, common: dict, cfg_gpfq) -> tuple:
   """(quantized variables, report) of one method at `bits` with activation spec `act`."""
   if method == "rtn":
-    return driver.run(ctx.variables, ctx.model.apply, x, _rtn_layer, bits=bits, act=act,
-                      method="rtn", **common)
+    rtn = grids.rtn_quantizer(grids.GridSpec(bits, "channel", symmetric=True))
+    return driver.run(ctx.variables, ctx.model.apply, x, rtn, act=act, method="rtn", **common)
   if method == "gptq":
     return qjax.gptq(ctx.variables, ctx.model.apply, x, bits=bits, granularity="channel",
                      symmetric=True, act=act, **common)
