@@ -54,3 +54,37 @@ def test_act_config_is_validated():
   cfg.update(static_method="percentile", percentile=0.0)
   with pytest.raises(ValueError, match=r"percentile must be in \(0, 100\]"):
     act_experiment.validate(cfg)
+
+
+def test_transformer_grid_methods_with_acts():
+  from qjax.experiments import transformers
+  k1, k2 = jax.random.split(jax.random.key(0))
+  # 'kernel' leaves: what quantize_rtn rounds by default (the driver's RTN rounds every weight op)
+  params = {"l1": {"kernel": jax.random.normal(k1, (8, 16))},
+            "l2": {"kernel": jax.random.normal(k2, (16, 4))}}
+  apply_fn = lambda p, x: jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]  # noqa: E731
+  x = jax.random.normal(jax.random.key(1), (64, 8))
+  config = ml_collections.ConfigDict(dict(methods=("rtn-grid", "gptq"), grids=("channel",),
+                                          bits=(4,), acts=("a8-token", "a4-tensor")))
+  task = transformers.Task("mlp", params, apply_fn, x, config)
+  ref = apply_fn(params, x)
+
+  def evaluate(q, apply=apply_fn):
+    return {"err": float(np.linalg.norm(apply(q, x) - ref) / np.linalg.norm(ref))}
+
+  runs = transformers._quantized_rows(task, evaluate)  # pylint: disable=protected-access
+  for method in ("rtn-grid", "gptq"):
+    rows = runs[method]
+    assert [r.get("act", "") for r in rows] == ["", "a8-token", "a4-tensor"]
+    assert rows[2]["err"] > rows[0]["err"] > 0  # 4-bit static activations cost accuracy
+    assert all("_apply" not in r and "_act_scales" not in r for r in rows)
+  # RTN's weights do not depend on the activations: its a8 row is the same Q behind A8.
+  q = qjax.quantize_rtn(params, transformers.grid_spec("channel", 4),
+                        views=qjax.views.kernel_views(params, apply_fn, x))[0]
+  a8 = qjax.with_activation_quant(apply_fn, qjax.ActSpec(8, "token"))
+  np.testing.assert_allclose(runs["rtn-grid"][1]["err"], evaluate(q, a8)["err"], rtol=1e-5)
+  assert transformers.act_spec("a8-tensor") == qjax.ActSpec(8, "tensor", dynamic=False)
+  with pytest.raises(ValueError, match="unknown activation scheme"):
+    transformers.act_spec("w8")
+  with pytest.raises(ValueError, match="bits must be in 4..8"):
+    transformers.act_spec("a2-token")
