@@ -11,6 +11,10 @@ calibration draw and patches as the `gpfq` rows), three rows:
   `config.act.static_method`) on the quantized network's inputs in the same pass as the weights;
 * the same two at 4-bit activations (`config.act.act_bits`).
 
+With `config.act.refit_rows`, GPTQ and GPFQ also get `<method>/<scheme>/fit-a32` rows: the
+weight-only fit deployed behind the same activation quantizers (static scales calibrated on its
+network by `qjax.calibrate_activations`), against which the `act=` fit is compared.
+
 Besides the accuracy each row has `logit_err`, ||f~(x) - f(x)|| / ||f(x)|| of the test logits
 against the float model (1,000 test digits resolve accuracy only to 0.1 points).
 
@@ -45,6 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.methods = METHODS
   c.static_method = "max"          # 'max', 'percentile' or 'mse' for the per-tensor rows
   c.percentile = 99.99
+  c.refit_rows = True              # also GPTQ / GPFQ fitted weight-only, deployed with the acts
   return c
 
 
@@ -94,19 +99,35 @@ def rows(ctx) -> list[dict]:
   common = gpfq_experiment._common(ctx, cfg_gpfq)  # noqa: SLF001
   x_test, y_test = ctx.data["test"]
   ref = train_lib.predict(ctx.model.apply, ctx.variables, x_test)
+
+  def row(name, bits, q_vars, apply_fn, start, suffix):
+    logits = train_lib.predict(apply_fn, q_vars, x_test)
+    acc = float(100.0 * np.mean(np.argmax(logits, -1) == y_test))
+    # The test logits' error against the float model: finer than 1,000 digits' accuracy.
+    err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
+    return results.accuracy_row(name, int(bits), acc, ctx.float_accuracy,
+                                time.perf_counter() - start, act=suffix, logit_err=round(err, 4))
+
   out = []
   for bits in cfg.weight_bits:
     for method in cfg.methods:
+      weight_only = None
       for suffix, act in schemes(cfg).items():
         start = time.perf_counter()
         q_vars, report = quantize(ctx, method, int(bits), act, x, common, cfg_gpfq)
-        apply_fn = ctx.model.apply if act is None else qjax.with_activation_quant(
-            ctx.model.apply, act, report.act_scales)
-        logits = train_lib.predict(apply_fn, q_vars, x_test)
-        acc = float(100.0 * np.mean(np.argmax(logits, -1) == y_test))
-        # The test logits' error against the float model: finer than 1,000 digits' accuracy.
-        err = float(np.linalg.norm(logits - ref) / np.linalg.norm(ref))
-        out.append(results.accuracy_row(f"{method}-pc/{suffix}", int(bits), acc,
-                                        ctx.float_accuracy, time.perf_counter() - start,
-                                        act=suffix, logit_err=round(err, 4)))
+        if act is None:
+          weight_only = q_vars
+          out.append(row(f"{method}-pc/{suffix}", bits, q_vars, ctx.model.apply, start, suffix))
+          continue
+        apply_fn = qjax.with_activation_quant(ctx.model.apply, act, report.act_scales)
+        out.append(row(f"{method}-pc/{suffix}", bits, q_vars, apply_fn, start, suffix))
+        if cfg.refit_rows and method != "rtn" and weight_only is not None:
+          # The weight-only fit behind the same activation quantizers (static scales from its
+          # float-input network): what fitting to X~ with act= gains.
+          start = time.perf_counter()
+          scales = qjax.calibrate_activations(weight_only, ctx.model.apply, x, act,
+                                              apply_kwargs=common["apply_kwargs"])
+          apply_fn = qjax.with_activation_quant(ctx.model.apply, act, scales)
+          out.append(row(f"{method}-pc/{suffix}/fit-a32", bits, weight_only, apply_fn, start,
+                         suffix))
   return out
