@@ -134,3 +134,49 @@ def test_export_stores_activation_grids(tmp_path):
   np.testing.assert_array_equal(out, ref)
   with pytest.raises(ValueError, match="layer 'w1'.*needs its scale"):
     export.pack(q, grids, act=act)
+
+
+def test_conv_rows_come_from_the_fake_quantized_image_and_bias_correction_sees_them():
+  import flax.linen as nn
+  from qjax import program as program_lib
+
+  class Cnn(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nn.relu(nn.Conv(4, (3, 3), padding="VALID")(x))
+      return nn.Dense(3)(x.reshape(x.shape[0], -1))
+
+  model = Cnn()
+  x = jax.random.normal(jax.random.key(2), (6, 7, 7, 2))
+  variables = model.init(jax.random.key(0), x)
+  seen = {}
+
+  def identity(name, W, chunks, info):
+    seen[name] = list(chunks)[0]
+    return W
+
+  spec = qjax.ActSpec(bits=4, granularity="token")
+  driver.run(variables, model.apply, x, identity, act=spec, patch_stride="layer")
+  X, Xt = seen["Conv_0"]
+  prog = program_lib.trace(model.apply, variables, x)
+  conv = prog.stops[0]
+  xq = np_fake_quant(x, 4, per_token=True)  # a conv's tokens are pixels, channels last
+  rows = program_lib.conv_rows(jnp.asarray(xq), None, program_lib.ConvSpec.of(conv.eqn), 1.0,
+                               "layer")
+  np.testing.assert_allclose(Xt, rows, atol=1e-6)
+  np.testing.assert_allclose(X, program_lib.conv_rows(x, None, program_lib.ConvSpec.of(
+      conv.eqn), 1.0, "layer"), atol=1e-6)
+  # Bias correction of the last layer uses the fake-quantized input: with Q = W the shift is the
+  # mean of fq(x~) W - x W over the calibration rows.
+  q, report = driver.run(variables, model.apply, x, identity, act=spec, bias_correction=True)
+  conv_out = lambda v: np.maximum(np.asarray(jax.lax.conv_general_dilated(  # noqa: E731
+      jnp.asarray(v), variables["params"]["Conv_0"]["kernel"], (1, 1), "VALID",
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))) + np.asarray(
+          variables["params"]["Conv_0"]["bias"]), 0).reshape(6, -1)
+  hidden, hidden_f = conv_out(xq), conv_out(x)
+  W = np.asarray(variables["params"]["Dense_0"]["kernel"])
+  shift = (np_fake_quant(hidden, 4, per_token=True) @ W - hidden_f @ W).mean(0)
+  np.testing.assert_allclose(q["params"]["Dense_0"]["bias"],
+                             variables["params"]["Dense_0"]["bias"] - shift, rtol=1e-4,
+                             atol=1e-4)
+  assert report.bias_shift > 0
