@@ -420,8 +420,9 @@ def report(packed: PyTree) -> dict[str, Any]:
 
   Returns:
     {'layers': {name: {kind, bits, container_bits, weights, code_bytes, side_bytes,
-    storage_bytes, ideal_bytes, float32_bytes, compression, and 'act' (fmt, bits, granularity,
-    symmetric, dynamic, scale, zero) when the layer's input is quantized}}, 'weights', 'storage_bytes',
+    storage_bytes, ideal_bytes, float32_bytes, compression, and 'act' (fmt, bits,
+    granularity, symmetric, dynamic, scale, zero) when the layer's input is quantized}},
+    'weights', 'storage_bytes',
     'ideal_bytes', 'float_bytes' (unpacked leaves), 'float32_bytes' (every parameter in
     float32), 'total_bytes' (storage + float), 'compression' (quantized layers).
   """
