@@ -722,7 +722,8 @@ class _Lockstep:
         for env_f, env_q, xt in zip(envs_f, envs_q, self.act_x.pop(what.index)):
           for env, x in ((env_f, _read(env_f, eqn.invars[1 - side])), (env_q, xt)):
             args = [x, _read(env, eqn.invars[side])][::1 if side == 1 else -1]
-            env[eqn.outvars[0]] = eqn.primitive.bind(*args, **eqn.params)
+            if not isinstance(eqn.outvars[0], jcore.DropVar):
+              env[eqn.outvars[0]] = eqn.primitive.bind(*args, **eqn.params)
         pos = k + 1
         self._free(envs_f + envs_q, dying, freed, pos)
         freed = pos

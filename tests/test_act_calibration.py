@@ -180,3 +180,23 @@ def test_conv_rows_come_from_the_fake_quantized_image_and_bias_correction_sees_t
                              variables["params"]["Dense_0"]["bias"] - shift, rtol=1e-4,
                              atol=1e-4)
   assert report.bias_shift > 0
+
+
+def test_scan_stack_with_static_act():
+  ws = jax.random.normal(jax.random.key(3), (3, 8, 8)) * 0.5
+
+  def stack(p, x):
+    return jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x, p["ws"])[0]
+
+  x = _x()
+  spec = qjax.ActSpec(bits=6, dynamic=False)
+  q, report = qjax.gptq({"ws": ws}, stack, x, bits=4, act=spec, progress=False)
+  assert sorted(report.act_scales) == ["ws[0]", "ws[1]", "ws[2]"]
+  # Each slice's scale is max |input| / 31 of the quantized network's input of that slice.
+  h = np.asarray(x)
+  for i in range(3):
+    s = report.act_scales[f"ws[{i}]"]["scale"]
+    np.testing.assert_allclose(s, np.abs(h).max() / 31, rtol=1e-5)
+    h = np.tanh(np_fake_quant(h, 6, scale=s) @ np.asarray(q["ws"][i]))
+  out = jax.jit(qjax.with_activation_quant(stack, spec, report.act_scales))(q, x)
+  np.testing.assert_allclose(out, h, rtol=1e-4, atol=1e-4)
