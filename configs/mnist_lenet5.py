@@ -4,6 +4,7 @@ import ml_collections
 from qjax.experiments import psgd as psgd_experiment
 from qjax.experiments import alq as alq_experiment
 from qjax.experiments import gpfq as gpfq_experiment
+from qjax.experiments import act as act_experiment
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,8 +27,9 @@ def get_config() -> ml_collections.ConfigDict:
   # Round-to-nearest baseline bits.
   config.bits = (8, 6, 5, 4, 3, 2)
   # Each method adds rows to the one results table; its options live in config.<method>.
-  config.methods = ("rtn", "gpfq", "psgd", "alq")
+  config.methods = ("rtn", "gpfq", "psgd", "alq", "act")
   config.gpfq = gpfq_experiment.default_config()
   config.psgd = psgd_experiment.default_config()
   config.alq = alq_experiment.default_config()
+  config.act = act_experiment.default_config()  # W8A8 / W4A8 rows
   return config

@@ -360,7 +360,7 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
          static_groups: bool = False, skip: str | None = None, last_layer_float: bool = False,
          bias_correction: bool = False, patch_p: float = 1.0, patch_stride: str = "layer",
          key: Any = None, apply_kwargs: Any = None, progress: bool = True,
-         return_grids: bool = False):
+         return_grids: bool = False, act: Any = None, act_scales: Any = None):
   """Quantize any JAX model with GPTQ, layer by layer in program order, on `qjax.driver`.
 
   Layer i's H = X~^T X~ comes from the network with layers < i already quantized (GPTQ's
@@ -384,6 +384,9 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
     return_grids: also return a `qjax.views.Targets` {layer name: Grid or alphabet} that
       carries each grid's view: `qjax.export.pack(q, grids)` packs every layer exactly (conv
       group grids, DenseGeneral / Einsum / tied-embedding kernels, scan slices 'name[i]').
+    act, act_scales: activation quantization (`qjax.ActSpec` or rules; `qjax.driver.run`): each
+      layer's H = X^~T X^~ of its fake-quantized inputs in the quantized network; static
+      scales are calibrated on that stream (`report.act_scales`) unless given.
 
   Returns:
     (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
@@ -403,5 +406,6 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
                                 last_layer_float=last_layer_float,
                                 bias_correction=bias_correction, patch_p=patch_p,
                                 patch_stride=patch_stride, key=key, apply_kwargs=apply_kwargs,
-                                progress=progress, method="gptq")
+                                progress=progress, method="gptq", act=act,
+                                act_scales=act_scales)
   return (q_params, report, fitted) if return_grids else (q_params, report)

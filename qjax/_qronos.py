@@ -242,7 +242,8 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
            holdout_loss: Any = None, act_order: bool = False, skip: str | None = None,
            last_layer_float: bool = False, bias_correction: bool = False, patch_p: float = 1.0,
            patch_stride: str = "layer", key: Any = None, apply_kwargs: Any = None,
-           progress: bool = True, return_grids: bool = False):
+           progress: bool = True, return_grids: bool = False, act: Any = None,
+           act_scales: Any = None):
   """Quantize any JAX model with Qronos, layer by layer in program order, on `qjax.driver`.
 
   Layer i sees X from the float network and X~ from the network with layers < i quantized, both
@@ -252,7 +253,7 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
   Args:
     params, apply_fn, batch, bits, granularity, group_size, symmetric, scale_method, alphabet,
       C, block_size, skip, last_layer_float, bias_correction, patch_p, patch_stride, key,
-      apply_kwargs, progress, return_grids: as `qjax.gptq`.
+      apply_kwargs, progress, return_grids, act, act_scales: as `qjax.gptq`.
     damp, damp_rule, act_order: as `qronos_layer`.
     damp_grid: values of damp to try: the network is quantized on the first
       1 - holdout_fraction of the (single) batch for each, and the one with the least
@@ -282,7 +283,7 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
   driver.check_options(patch_p, patch_stride, key)
   options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method="qronos")
+                 key=key, progress=progress, method="qronos", act=act, act_scales=act_scales)
 
   def make(d, out):
     return qronos_quantizer(granularity=granularity, group_size=group_size, symmetric=symmetric,

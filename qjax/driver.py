@@ -76,6 +76,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from qjax import activations
 from qjax import program as program_lib
 from qjax import rules
 
@@ -144,6 +145,9 @@ class Report:
       layer's at the end); a dot_general layer's come from the two streams' own outputs of the
       op inside the streams' segment calls, so their time counts there.
     other_params: (name, reason) of parameters that are not a weight op's weight or bias.
+    act_scales: with a static `act=` spec, the activation scales used, by layer name
+      ({name: {'scale', 'zero'}}, calibrated on the quantized stream; for
+      `qjax.with_activation_quant(..., scales=)` and `qjax.export.pack(..., act=)`).
     damp: the damping used by `qjax.qronos` (chosen by its damp search when given; None
       elsewhere); C_search then holds (damp, held-out loss).
   """
@@ -158,6 +162,7 @@ class Report:
   quantizer_seconds: float = 0.0
   error_seconds: float = 0.0
   other_params: tuple[tuple[str, str], ...] = ()
+  act_scales: Mapping[str, Any] | None = None
   damp: float | None = None
 
   def __str__(self) -> str:
@@ -625,8 +630,15 @@ class _Lockstep:
 
   def __init__(self, prep: Prepared, steps: Sequence[_Step], quantize_layer: QuantizeLayer,
                *, key: jax.Array, patch_p: float, patch_stride: str,
-               bias_correction: bool, progress: Any):
+               bias_correction: bool, progress: Any, act: Any = None,
+               act_scales: Mapping[str, Any] | None = None):
     self.prep, self.program = prep, prep.program
+    # Activation quantization: {stop index: ActSpec}; the quantized stream's input of those
+    # stops is fake-quantized (`act_x`: per batch, for the stop being handled).
+    self.act = activations.resolve(act, self.program)
+    self.act_keys = activations.op_keys(self.program)
+    self.act_scales = dict(act_scales or {})
+    self.act_x: dict[int, list] = {}
     self.steps, self.quantize_layer = steps, quantize_layer
     self.key, self.patch_p, self.patch_stride = key, patch_p, patch_stride
     n = len(self.program.stops)
@@ -697,6 +709,7 @@ class _Lockstep:
       # A stop whose operands exist already (q/k/v projections of one input) needs no segment
       # first: eqns[pos:k] run later in one segment, with fewer dispatches.
       if k > pos and not (k < len(jaxpr.eqns) and plan.points[k][0] == "stop"
+                          and plan.points[k][1].index not in self.act
                           and _ready(jaxpr.eqns[k], envs_f[0])):
         self.segment(jaxpr, pos, k, envs_f, envs_q, errs)
         errs = []
@@ -706,6 +719,21 @@ class _Lockstep:
         break
       kind, what = plan.points[k]
       eqn = jaxpr.eqns[k]
+      if kind == "stop" and what.index in self.act:
+        # The quantized stream's op reads its fake-quantized input (other readers of the same
+        # variable, e.g. a residual add, keep the unquantized one): the op runs here.
+        self.act_input(what, envs_q)
+        self.stop(what, envs_f, envs_q)
+        side = what.layout.side
+        for env_f, env_q, xt in zip(envs_f, envs_q, self.act_x.pop(what.index)):
+          for env, x in ((env_f, _read(env_f, eqn.invars[1 - side])), (env_q, xt)):
+            args = [x, _read(env, eqn.invars[side])][::1 if side == 1 else -1]
+            if not isinstance(eqn.outvars[0], jcore.DropVar):
+              env[eqn.outvars[0]] = eqn.primitive.bind(*args, **eqn.params)
+        pos = k + 1
+        self._free(envs_f + envs_q, dying, freed, pos)
+        freed = pos
+        continue
       if kind == "stop":
         out = eqn.outvars[0]
         own = what.op == "dot_general" and not isinstance(out, jcore.DropVar)
@@ -787,6 +815,21 @@ class _Lockstep:
 
   # -- stops -----------------------------------------------------------------------------------
 
+  def act_input(self, op: program_lib.WeightOp, envs_q) -> None:
+    """Fake-quantize the quantized stream's input of `op` (every batch) into `act_x`; a static
+    spec without a given scale is calibrated here, on this stream's inputs."""
+    spec, name = self.act[op.index], self.act_keys[op.index]
+    xs = [_read(env, op.eqn.invars[op.x_index]) for env in envs_q]
+    sz = None
+    if not spec.dynamic:
+      sz = self.act_scales.get(name)
+      if sz is None:
+        sz = self.act_scales[name] = activations.static_scale(spec, xs)
+    axes = activations.feature_axes(op.eqn, op.x_index)
+    self.act_x[op.index] = [activations.fake_quant(
+        x, spec, axes, None if sz is None else sz["scale"], None if sz is None else
+        sz.get("zero"), name=name) for x in xs]
+
   def refresh(self, leaf: int) -> None:
     """Recompute, in every active frame, the quantized stream's variables made from `leaf`."""
     value = self.store[leaf]
@@ -829,6 +872,8 @@ class _Lockstep:
       same = True
       for b, (env_f, env_q) in enumerate(zip(envs_f, envs_q)):
         x, xt = _read(env_f, x_var), _read(env_q, x_var)
+        if op.index in self.act_x:
+          xt = self.act_x[op.index][b]
         same = same and x is xt
         k = key if b == 0 else jax.random.fold_in(key, b)
 
@@ -901,8 +946,10 @@ class _Lockstep:
     eqn, side = op.eqn, op.layout.side
     b_leaf = self.store[bias_prov.leaf]
     shifts, weights = [], []
-    for env_f, env_q in zip(envs_f, envs_q):
+    for b, (env_f, env_q) in enumerate(zip(envs_f, envs_q)):
       x, xt = _read(env_f, eqn.invars[1 - side]), _read(env_q, eqn.invars[1 - side])
+      if op.index in self.act_x:
+        xt = self.act_x[op.index][b]
       args = lambda a, w: (a, w) if side == 1 else (w, a)  # noqa: E731
       y = eqn.primitive.bind(*args(x, W_op), **eqn.params)
       y_q = eqn.primitive.bind(*args(xt, Q_op), **eqn.params)
@@ -942,14 +989,16 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
             skip: str | None = None, last_layer_float: bool = False,
             bias_correction: bool = False, patch_p: float = 1.0,
             patch_stride: str = "kernel", key: jax.Array | None = None,
-            progress: bool = False, method: str = "custom") -> tuple[PyTree, Report]:
+            progress: bool = False, method: str = "custom", act: Any = None,
+            act_scales: Mapping[str, Any] | None = None) -> tuple[PyTree, Report]:
   """One lockstep run on a prepared program (see `run`)."""
   start = time.perf_counter()
   steps = plan_steps(prep.program, bits, skip, last_layer_float)
   bar = tqdm(total=len(prep.program.stops), desc=method, disable=not progress, leave=False)
   lock = _Lockstep(prep, steps, quantize_layer, key=jax.random.key(0) if key is None else key,
                    patch_p=patch_p, patch_stride=patch_stride,
-                   bias_correction=bias_correction, progress=bar)
+                   bias_correction=bias_correction, progress=bar, act=act,
+                   act_scales=act_scales)
   lock.run()
   bar.close()
   records = []
@@ -964,7 +1013,9 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
                   bias_shift=lock.bias_shift, seconds=time.perf_counter() - start,
                   forward_passes=2 * len(prep.batches),
                   quantizer_seconds=lock.quantizer_seconds, error_seconds=lock.error_seconds,
-                  other_params=_other_params(prep.program))
+                  other_params=_other_params(prep.program),
+                  act_scales={k: v for k, v in lock.act_scales.items()} if any(
+                      not s.dynamic for s in lock.act.values()) else None)
   return params_out(prep, lock.store), report
 
 
@@ -981,7 +1032,8 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
         bits: Any = None, skip: str | None = None, last_layer_float: bool = False,
         bias_correction: bool = False, patch_p: float = 1.0, patch_stride: str = "kernel",
         key: jax.Array | None = None, apply_kwargs: Mapping[str, Any] | None = None,
-        progress: bool = False, method: str = "custom") -> tuple[PyTree, Report]:
+        progress: bool = False, method: str = "custom", act: Any = None,
+        act_scales: Mapping[str, Any] | None = None) -> tuple[PyTree, Report]:
   """Quantize every weight op of `apply_fn(params, batch)` in one lockstep pass.
 
   Args:
@@ -1004,12 +1056,18 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
     apply_kwargs: keyword arguments for apply_fn.
     progress: a tqdm bar over the stops.
     method: the report's method name.
+    act: activation quantization (`qjax.ActSpec`, or {regex: ActSpec or None} rules): the
+      quantized stream feeds those weight ops fake-quantized inputs, so X~ (the chunks' second
+      half) is the quantized input the deployed W?A? network sees; static specs are calibrated
+      on the quantized stream (`Report.act_scales`) unless `act_scales` gives them.
+    act_scales: static activation scales by layer name (`qjax.calibrate_activations`).
 
   Returns:
     (quantized params, `Report`).
   """
   check_options(patch_p, patch_stride, key)
+  rules.check(act, "act", activations.check_act)
   prep = prepare(params, apply_fn, batch, apply_kwargs)
   return execute(prep, quantize_layer, bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method=method)
+                 key=key, progress=progress, method=method, act=act, act_scales=act_scales)

@@ -33,11 +33,18 @@ as ALQ's bits do (its I N bits of bases, no padding), so they agree whenever b i
     export.unpack(packed) == q_params            # exactly
     export.save(path, packed); export.restore(path)  # orbax-checkpoint
     export.report(packed)                        # bytes per layer, against float32
+
+Activation grids (`qjax.ActSpec`, W8A8 / W4A8) travel with the packed weights: `pack(...,
+act=spec or rules, act_scales=...)` stores on each packed layer its input's quantizer (`ActQuant`:
+format, bits, granularity, symmetric, dynamic, and the static per-tensor scale and zero point);
+`report` lists them and `act_rules(packed)` gives back the (specs, scales) that
+`qjax.with_activation_quant` takes.
 """
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Mapping
 
 import jax
@@ -45,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from qjax import activations
 from qjax import grids as grids_lib
 from qjax import rules
 from qjax import views as views_lib
@@ -83,6 +91,43 @@ def unpack_codes(data: Any, bits: int, size: int) -> np.ndarray:
 
 
 @struct.dataclass
+class ActQuant:
+  """The quantizer of a layer's input (`qjax.ActSpec` plus its static scale).
+
+  Attributes:
+    scale, zero: float32 scalars of a static spec (placeholders 0 for a dynamic one).
+    bits, granularity, group_size, symmetric, dynamic, fmt: the spec (a static spec's
+      calibration method is spent: the scale is stored).
+  """
+  scale: jax.Array
+  zero: jax.Array
+  bits: int = struct.field(pytree_node=False)
+  granularity: str = struct.field(pytree_node=False)
+  group_size: int | None = struct.field(pytree_node=False)
+  symmetric: bool = struct.field(pytree_node=False)
+  dynamic: bool = struct.field(pytree_node=False)
+  fmt: str = struct.field(pytree_node=False)
+
+  def spec(self) -> activations.ActSpec:
+    return activations.ActSpec(bits=self.bits, granularity=self.granularity,
+                               group_size=self.group_size, symmetric=self.symmetric,
+                               dynamic=self.dynamic, fmt=self.fmt)
+
+  def scales(self) -> dict[str, jax.Array] | None:
+    return None if self.dynamic else {"scale": self.scale, "zero": self.zero}
+
+  @classmethod
+  def of(cls, spec: activations.ActSpec, scales: Any = None) -> "ActQuant":
+    scale = zero = jnp.zeros((), jnp.float32)
+    if scales is not None and not spec.dynamic:
+      scale = jnp.asarray(scales["scale"], jnp.float32).reshape(())
+      zero = jnp.asarray(scales.get("zero", 0.0), jnp.float32).reshape(())
+    return cls(scale, zero, bits=spec.bits, granularity=spec.granularity,
+               group_size=spec.group_size, symmetric=spec.symmetric, dynamic=spec.dynamic,
+               fmt=spec.fmt)
+
+
+@struct.dataclass
 class Packed:
   """One quantized kernel as packed integer codes.
 
@@ -99,6 +144,7 @@ class Packed:
     group_size: rows per group of a grid (None: one group).
     symmetric: how the grid was fitted (metadata).
     view: the grid's matrix as a `qjax.views.View` of the kernel; None: `as_matrix`.
+    act: the quantizer of the layer's input (`ActQuant`), None: float inputs.
   """
   data: jax.Array
   scale: jax.Array
@@ -110,6 +156,7 @@ class Packed:
   group_size: int | None = struct.field(pytree_node=False, default=None)
   symmetric: bool = struct.field(pytree_node=False, default=True)
   view: views_lib.View | None = struct.field(pytree_node=False, default=None)
+  act: ActQuant | None = None
 
   @property
   def weights(self) -> int:
@@ -262,7 +309,8 @@ def _merge_slices(leaf: str, shape: tuple[int, ...], parts: list[tuple[str, Any,
 
 
 def pack(params: PyTree, targets: Mapping[str, Any], *,
-         views: Mapping[str, Any] | None = None) -> PyTree:
+         views: Mapping[str, Any] | None = None, act: Any = None,
+         act_scales: Mapping[str, Any] | None = None) -> PyTree:
   """Replace every leaf named in `targets` (names as `qjax.rules.path_name`, e.g.
   'block1/Conv_0') by its `Packed` codes; other leaves stay as they are.
 
@@ -274,6 +322,10 @@ def pack(params: PyTree, targets: Mapping[str, Any], *,
       Slices 'name[i]' of a scan-stacked leaf are packed together (every slice needs one).
     views: {layer name: `qjax.views.View` or index map}, the matrix each grid was fitted on;
       added to (and overriding) `targets.views`. Layers without one use `as_matrix`.
+    act: the activation quantizer of the packed layers' inputs: an `ActSpec` or {regex: ActSpec
+      or None} rules on the packed layer names (unmatched layers: float inputs).
+    act_scales: static activation scales by layer name (`qjax.calibrate_activations`, or the
+      `act_scales` of a `qjax.gptq` / `qjax.gpfq` report), needed by every static spec.
 
   Raises:
     ValueError naming the layer: a name in `targets` or `views` that names no leaf, a leaf not
@@ -309,15 +361,53 @@ def pack(params: PyTree, targets: Mapping[str, Any], *,
     parts = sorted(parts)
     plan[leaf] = _merge_slices(leaf, shape, [(layer, targets[layer], all_views.get(layer))
                                              for _, layer in parts])
+  acts = _act_plan(act, act_scales, list(plan))
 
   def leaf_fn(path, leaf):
     name = rules.path_name(path)
     if name not in plan:
       return leaf
     target, view = plan[name]
-    return pack_kernel(leaf, target, name, view=view)
+    packed = pack_kernel(leaf, target, name, view=view)
+    return packed if name not in acts else packed.replace(act=acts[name])
 
   return jax.tree_util.tree_map_with_path(leaf_fn, params)
+
+
+def _act_plan(act: Any, act_scales: Mapping[str, Any] | None, names: list[str]
+              ) -> dict[str, ActQuant]:
+  """{packed layer: ActQuant} of the `act` rules (a scan slice 'name[i]' has its own static
+  scale, which one packed leaf cannot hold: an error)."""
+  if act is None:
+    return {}
+  specs = rules.resolve(act, names, what="act", check_value=activations.check_act,
+                        default=None)
+  out = {}
+  for name, spec in specs.items():
+    if spec is None:
+      continue
+    sz = None
+    if not spec.dynamic:
+      sz = (act_scales or {}).get(name)
+      if sz is None:
+        raise ValueError(f"layer {name!r}: a static activation spec needs its scale in "
+                         "act_scales (qjax.calibrate_activations or the report's act_scales)")
+    out[name] = ActQuant.of(spec, sz)
+  return out
+
+
+def act_rules(packed: PyTree) -> tuple[dict[str, activations.ActSpec], dict[str, Any]]:
+  """(specs, static scales) by layer name of the packed layers' input quantizers, for
+  `qjax.with_activation_quant(apply_fn, specs, scales)` (a layer without one keeps float
+  inputs)."""
+  specs, scales = {}, {}
+  for name, leaf in _named_leaves(packed):
+    if is_packed(leaf) and leaf.act is not None:
+      specs[f"^{re.escape(name)}$"] = leaf.act.spec()
+      if leaf.act.scales() is not None:
+        scales[name] = leaf.act.scales()
+  specs["default"] = None
+  return specs, scales
 
 
 def unpack(packed: PyTree) -> PyTree:
@@ -330,7 +420,9 @@ def report(packed: PyTree) -> dict[str, Any]:
 
   Returns:
     {'layers': {name: {kind, bits, container_bits, weights, code_bytes, side_bytes,
-    storage_bytes, ideal_bytes, float32_bytes, compression}}, 'weights', 'storage_bytes',
+    storage_bytes, ideal_bytes, float32_bytes, compression, and 'act' (fmt, bits,
+    granularity, symmetric, dynamic, scale, zero) when the layer's input is quantized}},
+    'weights', 'storage_bytes',
     'ideal_bytes', 'float_bytes' (unpacked leaves), 'float32_bytes' (every parameter in
     float32), 'total_bytes' (storage + float), 'compression' (quantized layers).
   """
@@ -348,6 +440,12 @@ def report(packed: PyTree) -> dict[str, Any]:
                         ideal_bytes=leaf.bits * leaf.weights / 8 + side,
                         float32_bytes=4 * leaf.weights,
                         compression=32 * leaf.weights / (8 * (code + side)))
+    if leaf.act is not None:  # the input's quantizer (metadata, not counted in the bytes)
+      a = leaf.act
+      layers[name]["act"] = dict(fmt=a.fmt, bits=a.bits, granularity=a.granularity,
+                                 symmetric=a.symmetric, dynamic=a.dynamic,
+                                 scale=None if a.dynamic else float(a.scale),
+                                 zero=None if a.dynamic else float(a.zero))
   weights = sum(l["weights"] for l in layers.values())
   storage = sum(l["storage_bytes"] for l in layers.values())
   return dict(layers=layers, weights=weights, storage_bytes=storage,
@@ -369,6 +467,13 @@ def _to_state(tree: PyTree) -> Any:
       v = tree.view
       meta += [v.offset, *v.shape, len(v.sizes), *v.sizes, *v.strides]
     state = {"data": np.asarray(tree.data), "meta": np.asarray(meta, np.int64)}
+    if tree.act is not None:
+      a = tree.act
+      state["act_meta"] = np.asarray(
+          [activations.FORMATS.index(a.fmt), a.bits, activations.GRANULARITIES.index(
+              a.granularity), a.group_size or 0, int(a.symmetric), int(a.dynamic)], np.int64)
+      state["act_scale"] = np.asarray(a.scale, np.float32).reshape(1)
+      state["act_zero"] = np.asarray(a.zero, np.float32).reshape(1)
     if tree.kind == "table":
       state["levels"] = np.asarray(tree.levels)
     else:
@@ -394,9 +499,16 @@ def _from_state(state: Any) -> PyTree:
     levels = s.get("levels", np.zeros((1,), np.float32))
     scale = s.get("scale", np.zeros((1, 1), np.float32))
     zero = s.get("zero", np.zeros((1, 1), np.float32))
+    act = None
+    if "act_meta" in s:
+      fmt, abits, gran, agroup, asym, adyn = (int(v) for v in np.asarray(s["act_meta"]))
+      act = ActQuant(jnp.asarray(s["act_scale"], jnp.float32).reshape(()),
+                     jnp.asarray(s["act_zero"], jnp.float32).reshape(()), bits=abits,
+                     granularity=activations.GRANULARITIES[gran], group_size=agroup or None,
+                     symmetric=bool(asym), dynamic=bool(adyn), fmt=activations.FORMATS[fmt])
     return Packed(jnp.asarray(s["data"]), jnp.asarray(scale), jnp.asarray(zero),
                   jnp.asarray(levels), shape=shape, kind=_KINDS[kind], bits=bits,
-                  group_size=group or None, symmetric=bool(symmetric), view=view)
+                  group_size=group or None, symmetric=bool(symmetric), view=view, act=act)
   if isinstance(state, Mapping):
     return {k: _from_state(v) for k, v in state.items()}
   return jnp.asarray(state)

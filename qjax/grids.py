@@ -599,3 +599,18 @@ def rounder(target: Any, N0: int, N1: int, *, quantizer: str = "msq", key: Any =
 
 # ------------------------------------------------------------------------------------------------
 # GPFQ and RTN on grids for the one-pass driver (qjax.driver.run), beside qjax.gptq.
+
+
+def rtn_quantizer(spec: GridSpec):
+  """RTN as a `qjax.driver.run` quantize_layer: each layer's matrix (the driver's view, as
+  `quantize_rtn(..., views=qjax.views.kernel_views(...))` rounds it) onto the grid of `spec`
+  (bits from the driver's `bits` rules when given). No data is used for the weights; with the
+  driver's `act=` the pass also calibrates static activation scales on the quantized stream."""
+  if not isinstance(spec, GridSpec):
+    raise TypeError(f"spec must be a qjax.grids.GridSpec, got {type(spec).__name__}")
+
+  def quantize_layer(name, W, chunks, info):
+    del name, chunks
+    s = spec if info.bits is None else dataclasses.replace(spec, bits=info.bits)
+    return fit(W, s).round(W)
+  return quantize_layer

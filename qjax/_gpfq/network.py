@@ -233,8 +233,8 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
          holdout_loss: Callable | None, apply_kwargs: Mapping[str, Any] | None,
          progress: bool, mesh: Any = None, data_axis: str | None = "data",
          model_axis: str | None = "model", grid: Any = None, rounding: str = "msq",
-         lambda_: Any = None, grids_out: views_lib.Targets | None = None,
-         act_order: bool = False) -> tuple[PyTree, Report]:
+         lambda_: Any = None, grids_out: views_lib.Targets | None = None, act: Any = None,
+         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
   start = time.perf_counter()
   # -- eager validation, cheapest first.
   if rule not in DEFAULT_C:
@@ -268,7 +268,8 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
   round_key = jax.random.fold_in(key, _ROUND_SALT) if rounding == "stochastic" else None
   options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method=quantizer)
+                 key=key, progress=progress, method=quantizer, act=act, act_scales=act_scales)
+  rules.check(act, "act", driver.activations.check_act)
   make = lambda c, g=None, out=grids_out: _quantizer(  # noqa: E731
       quantizer, c, rule, method, mesh, data_axis, model_axis, grid=g, quantizer=rounding,
       key=round_key, lambda_=lambda_, grids_out=out, act_order=act_order)
@@ -327,7 +328,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
                   bias_shift=report.bias_shift, seconds=time.perf_counter() - start,
                   forward_passes=passes, quantizer_seconds=report.quantizer_seconds,
                   error_seconds=report.error_seconds,
-                  other_params=report.other_params)
+                  other_params=report.other_params, act_scales=report.act_scales)
   return q_params, report
 
 
@@ -388,6 +389,9 @@ _COMMON_DOC = """
     return_grids: also return a `qjax.views.Targets` {layer name: fitted `qjax.grids.Grid`, or
       the alphabet} that carries each grid's view (the layer's matrix), so
       `qjax.export.pack(q, grids)` packs every layer exactly.
+    act, act_scales: activation quantization (`qjax.ActSpec` or {regex: ActSpec or None}
+      rules): X~ is each layer's fake-quantized input in the quantized network; static scales
+      are calibrated on that stream (`report.act_scales`) unless `act_scales` gives them.
 
   Returns:
     (quantized params, same tree structure and container types, runnable with the unchanged
@@ -415,7 +419,8 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
          mesh: Any = None, data_axis: str | None = "data",
          model_axis: str | None = "model", grid: GridRules | None = None,
          quantizer: str = "msq", lambda_: float | None = None,
-         return_grids: bool = False, act_order: bool = False) -> tuple[PyTree, Report]:
+         return_grids: bool = False, act: Any = None,
+         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
   fitted = views_lib.Targets()
   q_params, report = _run(
       "gpfq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
@@ -424,7 +429,7 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
       holdout_fraction=holdout_fraction, holdout_loss=holdout_loss, apply_kwargs=apply_kwargs,
       progress=progress, mesh=mesh, data_axis=data_axis, model_axis=model_axis, grid=grid,
       rounding=quantizer, lambda_=lambda_, grids_out=fitted if return_grids else None,
-      act_order=act_order)
+      act=act, act_scales=act_scales, act_order=act_order)
   return (q_params, report, fitted) if return_grids else (q_params, report)
 
 
@@ -437,14 +442,16 @@ def quantize_msq(params: PyTree, apply_fn: Callable, batch: PyTree, *,
                  holdout_fraction: float = 0.2, holdout_loss: Callable | None = None,
                  apply_kwargs: Mapping[str, Any] | None = None,
                  progress: bool = True, grid: GridRules | None = None,
-                 return_grids: bool = False) -> tuple[PyTree, Report]:
+                 return_grids: bool = False, act: Any = None,
+                 act_scales: Any = None) -> tuple[PyTree, Report]:
   fitted = views_lib.Targets()
   q_params, report = _run(
       "msq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
       last_layer_float=last_layer_float, bias_correction=bias_correction, patch_p=patch_p,
       patch_stride=patch_stride, key=key, method="auto", C_grid=C_grid,
       holdout_fraction=holdout_fraction, holdout_loss=holdout_loss, apply_kwargs=apply_kwargs,
-      progress=progress, grid=grid, grids_out=fitted if return_grids else None)
+      progress=progress, grid=grid, grids_out=fitted if return_grids else None, act=act,
+      act_scales=act_scales)
   return (q_params, report, fitted) if return_grids else (q_params, report)
 
 

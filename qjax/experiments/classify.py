@@ -30,6 +30,7 @@ METHODS = {
     "gpfq": "qjax.experiments.gpfq",
     "psgd": "qjax.experiments.psgd",
     "alq": "qjax.experiments.alq",
+    "act": "qjax.experiments.act",
 }
 _TRAIN_KEYS = ("dataset", "model", "seed", "epochs", "batch_size", "learning_rate", "momentum",
                "weight_decay", "augment_shift", "val_fraction")

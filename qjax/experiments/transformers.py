@@ -17,6 +17,7 @@ of the corpus' calibration split (`qjax.text`); nothing is tuned on the test spl
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -154,11 +155,17 @@ def grid_spec(name: str, bits: int) -> "qjax.grids.GridSpec":
   return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=True)
 
 
-def _grid_rtn(task: Task, spec) -> tuple[PyTree, dict]:
-  return grid_rtn(task, spec), {}
+def _grid_rtn(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+  if act is None:
+    return grid_rtn(task, spec), {}
+  # With activations quantized: RTN on the driver, whose pass calibrates the static scales.
+  from qjax import driver  # pylint: disable=g-import-not-at-top
+  q, report = driver.run(task.params, task.apply_fn, task.calibration, qjax.grids.rtn_quantizer(
+      spec), skip=_skip(task), act=act, method="rtn")
+  return q, {"_act_scales": report.act_scales}
 
 
-def _gptq(task: Task, spec) -> tuple[PyTree, dict]:
+def _gptq(task: Task, spec, act=None) -> tuple[PyTree, dict]:
   """GPTQ with static groups: every group's grid is fitted on W before any update, so GPTQ rounds
   onto exactly the levels RTN and GPFQ use (the reference's dynamic groups refit on updated W)."""
   with warnings.catch_warnings():
@@ -166,30 +173,56 @@ def _gptq(task: Task, spec) -> tuple[PyTree, dict]:
     q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
                           granularity=spec.granularity, group_size=spec.group_size,
                           symmetric=spec.symmetric, scale_method=spec.method,
-                          static_groups=True, skip=_skip(task), progress=False)
+                          static_groups=True, skip=_skip(task), progress=False, act=act)
   _check_report(report, "gptq")
-  return q, {"layers": _layer_errors(report)}
+  return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
-def _gpfq_grid(task: Task, spec, act_order: bool = False) -> tuple[PyTree, dict]:
+def _gpfq_grid(task: Task, spec, act=None, act_order: bool = False) -> tuple[PyTree, dict]:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec,
-                          skip=_skip(task), act_order=act_order, progress=False)
+                          skip=_skip(task), progress=False, act=act, act_order=act_order)
   _check_report(report, "gpfq")
-  return q, {"layers": _layer_errors(report)}
+  return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
-def _gptq_act(task: Task, spec) -> tuple[PyTree, dict]:
+def act_spec(name: str) -> "qjax.ActSpec":
+  """'a<bits>-token' -> per-token dynamic, 'a<bits>-tensor' -> per-tensor static (min-max):
+  the activation schemes of `config.acts`."""
+  m = re.fullmatch(r"a([0-9]+)-(token|tensor)", str(name))
+  if m is None:
+    raise ValueError(f"config.acts: unknown activation scheme {name!r}; use 'a<bits>-token' "
+                     "(per-token dynamic) or 'a<bits>-tensor' (per-tensor static)")
+  bits, kind = int(m.group(1)), m.group(2)
+  return qjax.ActSpec(bits, kind, dynamic=kind == "token")
+
+
+def _with_act(task: Task, fn: Callable, spec, act: str) -> tuple[PyTree, dict]:
+  """A grid method with the activations of its layers quantized (`act` from `config.acts`,
+  '' = weights only): weights fitted with `act=`, metrics of the network behind the same
+  activation quantizers (extra['_apply'])."""
+  if not act:
+    q, extra = fn(task, spec)
+    extra.pop("_act_scales", None)
+    return q, extra
+  a = act_spec(act)
+  rules_ = {_skip(task): None, "default": a} if _skip(task) else a  # float layers: float inputs
+  q, extra = fn(task, spec, act=rules_)
+  extra["_apply"] = qjax.with_activation_quant(task.apply_fn, rules_, extra.pop("_act_scales"))
+  return q, {"act": act, **extra}
+
+
+def _gptq_act(task: Task, spec, act=None) -> tuple[PyTree, dict]:
   """GPTQ with act-order (static groups, so the levels stay those of RTN): the strong baseline."""
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
                           granularity=spec.granularity, group_size=spec.group_size,
                           symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
-                          static_groups=True, skip=_skip(task), progress=False)
+                          static_groups=True, skip=_skip(task), progress=False, act=act)
   _check_report(report, "gptq-act")
-  return q, {"layers": _layer_errors(report)}
+  return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
 # Qronos' damping (fraction of mean diag(X~^T X~)), chosen per setting on the held-out tail of
@@ -197,11 +230,11 @@ def _gptq_act(task: Task, spec) -> tuple[PyTree, dict]:
 QRONOS_DAMP_GRID = (0.03, 0.1, 0.3)
 
 
-def _qronos(task: Task, spec) -> tuple[PyTree, dict]:
+def _qronos(task: Task, spec, act=None) -> tuple[PyTree, dict]:
   """Qronos with act-order on the same GridSpec; damp searched over `QRONOS_DAMP_GRID`."""
   kw = dict(bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size,
             symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
-            skip=_skip(task), progress=False)
+            skip=_skip(task), progress=False, act=act)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     damp = QRONOS_DAMP_GRID[0]
@@ -211,7 +244,7 @@ def _qronos(task: Task, spec) -> tuple[PyTree, dict]:
       damp = search.damp
     q, report = qjax.qronos(task.params, task.apply_fn, task.calibration, damp=damp, **kw)
   _check_report(report, "qronos")
-  return q, {"damp": damp, "layers": _layer_errors(report)}
+  return q, {"damp": damp, "layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
 # name -> (row method, fn(task, GridSpec) -> (quantized bare params, extra row columns)); each
@@ -221,7 +254,8 @@ GRID_QUANTIZERS: dict[str, tuple[str, Callable[[Task, Any], tuple[PyTree, dict]]
     "gptq": ("gptq", _gptq),
     "gpfq-grid": ("gpfq", _gpfq_grid),
     "gptq-act": ("gptq-act", _gptq_act),
-    "gpfq-act": ("gpfq-act", lambda task, spec: _gpfq_grid(task, spec, act_order=True)),
+    "gpfq-act": ("gpfq-act", lambda task, spec, act=None: _gpfq_grid(task, spec, act,
+                                                                     act_order=True)),
     "qronos": ("qronos", _qronos),
 }
 # Row labels of the methods on GPFQ's per-layer alphabet / per-tensor grids.
@@ -238,7 +272,9 @@ def _settings(task: Task, method: str):
     for grid in task.config.grids:
       for bits in task.config.bits:
         spec = grid_spec(grid, int(bits))
-        yield label, grid, int(bits), (lambda spec=spec, fn=fn: fn(task, spec))
+        for act in ("",) + tuple(task.config.get("acts", ())):
+          yield label, grid, int(bits), (lambda spec=spec, fn=fn, act=act: _with_act(
+              task, fn, spec, act))
   else:
     for bits in task.config.bits:
       yield method, _GRID_OF.get(method, ""), int(bits), (
@@ -261,7 +297,8 @@ def _quantized_rows(task: Task, evaluate: Callable[[PyTree], dict]) -> dict[str,
         continue
       seconds = time.perf_counter() - start
       start = time.perf_counter()
-      metrics = evaluate(q)
+      apply = extra.pop("_apply", None)  # activation-quantized rows: their own forward
+      metrics = evaluate(q) if apply is None else evaluate(q, apply)
       row = results.row(label, bits, seconds, grid=grid, **metrics, **extra,
                         eval_seconds=round(time.perf_counter() - start, 2))
       print({k: v for k, v in row.items() if k != "layers"}, flush=True)
@@ -283,6 +320,8 @@ def _validate_common(config: ml_collections.ConfigDict) -> None:
                        f"{list(QUANTIZERS) + list(GRID_QUANTIZERS)}")
   for g in config.grids:
     grid_spec(g, 4)
+  for a in config.get("acts", ()):
+    act_spec(a)
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   if int(config.calibration_size) < 1:
@@ -311,6 +350,7 @@ def minilm_config() -> ml_collections.ConfigDict:
   c.methods = DEFAULT_METHODS
   c.bits = (8, 4, 3)
   c.grids = ("channel", "g128")   # of the grid methods (`grid_spec`)
+  c.acts = ()                     # also each grid method with these activations (`act_spec`)
   c.calibration_size = 128        # sequences
   c.calibration_length = 32       # tokens per packed calibration sequence ([CLS] ... [SEP])
   c.eval_sentences = 2000         # of the held-out split
@@ -401,7 +441,12 @@ def run_minilm(config: ml_collections.ConfigDict, workdir: str
   calib = pack_calibration(enc, corpus.sentences["calibration"], int(config.calibration_size),
                            int(config.calibration_length))
   sentences = corpus.sentences["heldout"][:int(config.eval_sentences)]
-  encode = lambda p: enc.encode(sentences, params=p, batch_size=int(config.batch_size))  # noqa
+  def encode(p, apply=None):
+    e = enc
+    if apply is not None:  # the encoder with another forward (activation-quantized)
+      e = copy.copy(enc)
+      e._forward = jax.jit(apply)  # pylint: disable=protected-access
+    return e.encode(sentences, params=p, batch_size=int(config.batch_size))
   float_emb = encode(enc.params)
   k = int(config.recall_k)
   neighbours = nearest(float_emb, k)
@@ -411,7 +456,8 @@ def run_minilm(config: ml_collections.ConfigDict, workdir: str
   task = Task("minilm", jax.tree_util.tree_map(jnp.asarray, enc.params), enc.apply_fn, calib,
               config)
   runs = {"float": rows,
-          **_quantized_rows(task, lambda q: embedding_metrics(float_emb, encode(q), k, neighbours))}
+          **_quantized_rows(task, lambda q, apply=None: embedding_metrics(
+              float_emb, encode(q, apply), k, neighbours))}
   path = minilm_path(config)
   key = _run_key("minilm", os.path.basename(path), os.path.getsize(path)
                  if os.path.isfile(path) else "", int(config.calibration_size),
@@ -435,6 +481,7 @@ def bytelm_task_config() -> ml_collections.ConfigDict:
   c.methods = DEFAULT_METHODS
   c.bits = (8, 4, 3)
   c.grids = ("channel", "g64")    # of the grid methods (`grid_spec`)
+  c.acts = ()                     # also each grid method with these activations (`act_spec`)
   c.calibration_size = 128        # windows of bytelm.seq_len bytes from the calibration split
   c.seed = 0                      # calibration draw
   c.bytelm = text.bytelm_config()
@@ -458,8 +505,8 @@ def run_bytelm(config: ml_collections.ConfigDict, workdir: str
   corpus = text.load_corpus()
   seq_len = int(lm.config.seq_len)
   x, y = text.eval_windows(corpus.bytes("test"), seq_len)
-  evaluate = lambda p: text.evaluate_bits_per_byte(  # noqa: E731
-      lm.apply_fn, p, x, y, batch_size=int(lm.config.eval_batch_size))
+  evaluate = lambda p, apply=None: text.evaluate_bits_per_byte(  # noqa: E731
+      apply or lm.apply_fn, p, x, y, batch_size=int(lm.config.eval_batch_size))
   float_bpb = evaluate(lm.params)
   unigram = text.unigram_bits_per_byte(corpus.bytes("calibration"), y.ravel())
   rows = [results.row("float", 32, lm.seconds, grid="", bits_per_byte=round(float_bpb, 4),
@@ -473,8 +520,8 @@ def run_bytelm(config: ml_collections.ConfigDict, workdir: str
   # jax arrays: the driver's write-back needs them (a restored checkpoint holds numpy arrays).
   task = Task("bytelm", jax.tree_util.tree_map(jnp.asarray, lm.params), lm.apply_fn, calib, config)
 
-  def metrics(q):
-    bpb = evaluate(q)
+  def metrics(q, apply=None):
+    bpb = evaluate(q, apply)
     return {"bits_per_byte": round(bpb, 4), "increase": round(bpb - float_bpb, 4)}
 
   runs = {"float": rows, **_quantized_rows(task, metrics)}

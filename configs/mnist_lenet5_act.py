@@ -1,0 +1,20 @@
+"""W8A8 / W4A8 on LeNet5 / embedded MNIST: RTN, GPTQ and GPFQ with weight-only, per-token dynamic
+and per-tensor static 8-bit activations (qjax.experiments.act), the float recipe of
+configs/mnist_lenet5.py.
+
+  python -m qjax --config configs/mnist_lenet5_act.py
+"""
+import os
+
+import ml_collections
+
+from qjax import main
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = main.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                         "mnist_lenet5.py"))
+  config.name = "mnist_lenet5_act"
+  config.methods = ("act",)
+  config.bits = (8, 4)
+  return config
