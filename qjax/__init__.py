@@ -8,6 +8,7 @@ from qjax.rounding import prune_smallest, quantize_uniform, sparsity
 from qjax import export
 from qjax import grids
 from qjax import views
+from qjax import mesh
 from qjax.grids import quantize_rtn
 from qjax._gptq import gptq, gptq_layer
 from qjax.activations import ActSpec, calibrate_activations, with_activation_quant

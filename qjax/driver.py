@@ -77,6 +77,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from qjax import activations
+from qjax import mesh as mesh_lib
 from qjax import program as program_lib
 from qjax import rules
 
@@ -980,7 +981,8 @@ def params_out(prep: Prepared, store: Sequence[jax.Array]) -> PyTree:
   program = prep.program
   flat = jax.tree_util.tree_leaves(prep.params)
   for pos, value in zip(program.param_positions, store):
-    flat[pos] = value
+    # A leaf placed on a mesh comes back placed the same way (`qjax.mesh`).
+    flat[pos] = mesh_lib.keep_shardings(flat[pos], value)
   out = jax.tree_util.tree_unflatten(program.params_treedef, flat)
   return out["params"] if prep.wrapped else out
 
