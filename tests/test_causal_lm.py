@@ -11,6 +11,8 @@ import pytest
 from qjax import causal_lm
 from qjax.models import llama
 
+# transformers (torch CPU) is the reference: the `torch` extra, installed for CI's slow step.
+pytestmark = pytest.mark.slow
 torch = pytest.importorskip("torch")
 
 
