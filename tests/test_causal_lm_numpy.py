@@ -90,3 +90,83 @@ def test_causal_lm_task_smoke(tmp_path):
   config.methods = ("nope",)
   with pytest.raises(ValueError, match="unknown method 'nope'"):
     main.validate_config(config)
+
+
+def _llama_cpp_permute(w, n_head):
+  """llama.cpp convert_hf_to_gguf LlamaModel.permute (q/k rows, per head: halves interleaved)."""
+  return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
+      w.shape)
+
+
+def write_gguf(path, arch="llama", bad_type=None):
+  """The tiny checkpoint as a GGUF, written as llama.cpp's converter does (q/k permuted)."""
+  import gguf
+  from safetensors.numpy import load_file
+  src = write_checkpoint(os.path.join(os.path.dirname(path), "hf_src"))
+  t = load_file(os.path.join(src, "model.safetensors"))
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(HF["num_hidden_layers"])
+  w.add_context_length(HF["max_position_embeddings"])
+  w.add_embedding_length(HF["hidden_size"])
+  w.add_feed_forward_length(HF["intermediate_size"])
+  w.add_head_count(HF["num_attention_heads"])
+  w.add_head_count_kv(HF["num_key_value_heads"])
+  w.add_layer_norm_rms_eps(HF["rms_norm_eps"])
+  w.add_rope_freq_base(HF["rope_theta"])
+  with open(os.path.join(src, "tokenizer.json")) as f:
+    tok = json.load(f)
+  vocab = sorted(tok["model"]["vocab"].items(), key=lambda kv: kv[1])
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list([k for k, _ in vocab])
+  w.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]])
+  w.add_token_types([1] * len(vocab))
+  inv = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+         "output_norm.weight"}
+  block = {v: k for k, v in causal_lm._GGUF_BLOCK.items()}
+  for name, x in t.items():
+    if name in inv:
+      g = inv[name]
+    else:
+      i, rest = name[len("model.layers."):].split(".", 1)
+      base = rest[:-len(".weight")] if not rest.endswith("layernorm.weight") else rest
+      g = f"blk.{i}.{block[base]}.weight"
+      if ".q_proj." in name:
+        x = _llama_cpp_permute(x, HF["num_attention_heads"])
+      elif ".k_proj." in name:
+        x = _llama_cpp_permute(x, HF["num_key_value_heads"])
+    if bad_type is not None and g == "blk.0.ffn_up.weight":
+      w.add_tensor(g, np.zeros((48, 18), np.uint8), raw_dtype=bad_type)  # 32 weights: 18 bytes
+    else:
+      w.add_tensor(g, x)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return src
+
+
+def test_gguf_equals_hf_checkpoint(tmp_path):
+  """The converter's q/k permutation is undone: GGUF params == the Hugging Face ones."""
+  src = write_gguf(tmp_path / "m.gguf")
+  g = causal_lm.load_causal_lm(tmp_path / "m.gguf")
+  h = causal_lm.load_causal_lm(src)
+  assert g.config.num_key_value_heads == 2 and g.config.tie_word_embeddings
+  import jax
+  for a, b in zip(jax.tree_util.tree_leaves_with_path(g.params),
+                  jax.tree_util.tree_leaves_with_path(h.params)):
+    assert a[0] == b[0]
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]), err_msg=str(a[0]))
+  text_ = "def f(x): return x + 1"
+  assert g.encode(text_).tolist() == h.encode(text_).tolist()
+
+
+def test_gguf_errors(tmp_path):
+  import gguf
+  write_gguf(tmp_path / "gpt2.gguf", arch="gpt2")
+  with pytest.raises(ValueError, match=r"gpt2.gguf: GGUF architecture 'gpt2' is not supported"):
+    causal_lm.load_causal_lm(tmp_path / "gpt2.gguf")
+  write_gguf(tmp_path / "iq.gguf", bad_type=gguf.GGMLQuantizationType.IQ4_NL)
+  with pytest.raises(ValueError, match=r"iq.gguf: tensor 'blk.0.ffn_up.weight' has GGUF type "
+                                       r"IQ4_NL, not supported"):
+    causal_lm.load_causal_lm(tmp_path / "iq.gguf")
