@@ -65,9 +65,11 @@ print(f"float perplexity {float_ppl:.2f}")
 task = task_lib.tf_tasks.Task("causal_lm", lm.params, lm.apply_fn, calib, None)
 spec = task_lib.grid_spec("channel", 3)
 rows = {}
+quantized, extras = {}, {}
 for name in ("rtn", "gptq", "gpfq"):
   t0 = time.perf_counter()
-  q, _ = task_lib.method(name)[1](task, spec)
+  q, extras[name] = task_lib.method(name)[1](task, spec)
+  quantized[name] = q
   q = jax.block_until_ready(q)
   rows[name] = (ppl(q), time.perf_counter() - t0)
   print(f"{name:5s} 3-bit per channel: perplexity {rows[name][0]:8.2f} "
@@ -77,4 +79,4 @@ for name in ("rtn", "gptq", "gpfq"):
 # Integer export of the GPTQ result: codes packed two per byte plus scales and zero points.
 
 # %%
-print(task_lib.export_bytes(task, spec))
+print(task_lib.export_bytes(quantized["gptq"], extras["gptq"]["_targets"]))

@@ -64,12 +64,13 @@ def _gptq(act_order: bool) -> Callable:
     # levels RTN and GPFQ use (and act-order needs them).
     with warnings.catch_warnings():
       warnings.simplefilter("ignore")
-      q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
-                            granularity=spec.granularity, group_size=spec.group_size,
-                            symmetric=spec.symmetric, scale_method=spec.method,
-                            act_order=act_order, static_groups=True, skip=SKIP, progress=False)
+      q, report, targets = qjax.gptq(
+          task.params, task.apply_fn, task.calibration, bits=spec.bits,
+          granularity=spec.granularity, group_size=spec.group_size, symmetric=spec.symmetric,
+          scale_method=spec.method, act_order=act_order, static_groups=True, skip=SKIP,
+          progress=False, return_grids=True)
     tf_tasks._check_report(report, "gptq")  # pylint: disable=protected-access
-    return q, {}
+    return q, {"_targets": targets}  # the fitted grids, for `export_bytes` (not a column)
   return fn
 
 
@@ -202,6 +203,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       try:
         q, extra = fn(task, spec)
         q = jax.block_until_ready(q)
+        targets = extra.pop("_targets", None)
       except tf_tasks.Skip as e:
         print(f"skipped {name} ({g}) at {bits} bits: {e}")
         continue
@@ -209,8 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       p, _ = evaluate(q)
       row = results.row(label, int(bits), seconds, grid=g, perplexity=round(p, 3),
                         increase=round(p - float_ppl, 3), peak_mb=_peak_mb(), **extra)
-      if config.export and not exported and name in ("gptq", "gpfq"):
-        row.update(export_bytes(task, spec))
+      if config.export and not exported and targets is not None:
+        row.update(export_bytes(q, targets))
         exported = True
       print(row, flush=True)
       runs[name].append(row)
@@ -219,21 +221,14 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   return runs, key
 
 
-def export_bytes(task, spec) -> dict:
-  """GPTQ with return_grids on `spec`, packed with `qjax.export`: bytes of the int codes and side
-  parameters, exact round trip checked."""
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    q, _, targets = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
-                              granularity=spec.granularity, group_size=spec.group_size,
-                              symmetric=False, static_groups=True, skip=SKIP, progress=False,
-                              return_grids=True)
+def export_bytes(q: PyTree, targets: Any) -> dict:
+  """`qjax.export.pack` of GPTQ's result on its fitted grids (`return_grids`): bytes of the int
+  codes with their scales and zero points, and of the leaves left float; exact round trip."""
   packed = qjax.export.pack(q, targets)
   back = qjax.export.unpack(packed)
-  same = all(bool(np.array_equal(np.asarray(a), np.asarray(b))) for a, b in zip(
-      jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q)))
-  if not same:
-    raise AssertionError("export: unpack(pack(q)) != q")
+  for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q)):
+    if not np.array_equal(np.asarray(a), np.asarray(b)):
+      raise AssertionError("export: unpack(pack(q)) != q")
   rep = qjax.export.report(packed)
   return {k: rep[k] for k in ("storage_bytes", "float_bytes") if k in rep}
 
