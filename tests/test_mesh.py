@@ -131,23 +131,6 @@ def test_gpfq_on_mesh_matches_one_device(transformer, shape):
     assert abs(a.error - b.error) <= 0.02 * a.error + 1e-6, (a.path, a.error, b.error)
 
 
-@pytest.mark.slow
-def test_gptq_on_mesh_resnet():
-  model = models.get_model("resnet18", num_classes=10)
-  x = np.random.default_rng(1).normal(size=(8, 32, 32, 3)).astype(np.float32)
-  v = model.init(jax.random.key(0), x[:1], train=False)
-  kw = dict(bits=4, progress=False, apply_kwargs={"train": False}, patch_p=0.25)
-  ref, _ = qjax.gptq(v, model.apply, x, **kw)
-  mesh = make_mesh((4, 2))
-  vs = mesh_lib.shard_params(v, mesh)
-  q, _ = qjax.gptq(vs, model.apply, mesh_lib.shard_batch(x, mesh), **kw)
-  # Conv Hessians over 8 images' patches sum per data shard, then across: another float order,
-  # so some rounding ties fall the other way (measured: 32,622 of 11,191,242 entries, 0.29%).
-  d, n = count_diff(q, ref)
-  assert d <= 0.01 * n, f"{d} of {n} entries differ"
-  assert_kept(q, vs)
-
-
 def test_kernel_bytes_per_device_shrink(transformer):
   """No device holds a whole sharded kernel: weights per device fall by the model-axis size."""
   model, v, x = transformer
