@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from qjax import files
 from qjax.experiments import results
 
 # task -> (module, run function, plot function or None, plot file name).
@@ -100,16 +101,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Run the config's task; print and write the merged table, JSON and plot; return the rows."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, "results.json")
+  results.check(results_path)
   module_name, run_name, plot_name, plot_file = TASKS[task_of(config)]
   module = importlib.import_module(module_name)
   out = getattr(module, run_name)(config, workdir)
   runs, key = out if isinstance(out, tuple) else ({"rows": out}, "")
   order = getattr(module, "ORDER", ())
-  rows = results.save(os.path.join(workdir, "results.json"), key, config.to_dict(), runs, order)
+  rows = results.save(results_path, key, config.to_dict(), runs, order)
   table = results.format_table(rows)
   print(table)
-  with open(os.path.join(workdir, "results.txt"), "w") as f:
-    f.write(table + "\n")
+  files.atomic_write(os.path.join(workdir, "results.txt"), table + "\n")
   written = ["results.json", "results.txt"]
   if plot_name and hasattr(module, plot_name):
     getattr(module, plot_name)(rows, os.path.join(workdir, plot_file))

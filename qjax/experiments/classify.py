@@ -101,9 +101,10 @@ def float_model(config, model, splits, key, workdir) -> dict:
   tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                    optax.sgd(schedule, momentum=config.momentum))
   state = train_lib.create_train_state(model, key, splits["train"][0], tx)
-  if os.path.exists(path):
-    print(f"restoring float model from {path}")
-    return train_lib.restore_variables(path, train_lib.state_variables(state))
+  cached = train_lib.restore_cached(path, train_lib.state_variables(state))
+  if cached is not None:
+    print(f"restored float model from {path}")
+    return cached
   state, _ = train_lib.fit(state, *splits["train"], epochs=config.epochs,
                            batch_size=config.batch_size, seed=config.seed,
                            augment_shift=config.augment_shift, desc="float")

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from qjax import files
+
 _FIRST_COLUMNS = ("method", "bits", "accuracy", "drop", "seconds")
 
 
@@ -96,12 +98,38 @@ def plot_accuracy(rows: Sequence[dict], float_accuracy: float, path: str) -> Non
   plt.close(fig)
 
 
-def load_runs(path: str, key: str) -> dict[str, list[dict]]:
-  """The saved rows per method run of `path`, if it was written for the same `key`."""
+def check(path: str) -> None:
+  """Set aside (never overwrite) a results file that is not valid JSON, naming it.
+
+  Called before an experiment starts, so a damaged file costs no run and loses no rows.
+  """
+  with files.locked(path):
+    try:
+      _read(path)
+    except ValueError as e:
+      files.set_aside(path, f"is not a valid results file ({e})")
+
+
+def _read(path: str) -> dict:
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: {e}") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+  return saved
+
+
+def load_runs(path: str, key: str) -> dict[str, list[dict]]:
+  """The saved rows per method run of `path`, if it was written for the same `key`.
+
+  Raises:
+    ValueError naming the file if it is not valid JSON.
+  """
+  saved = _read(path)
   if saved.get("key") != key:
     return {}
   return saved.get("runs", {})
@@ -113,14 +141,23 @@ def save(path: str, key: str, config: dict, runs: dict[str, list[dict]],
 
   Rows saved earlier for the same `key` (e.g. a hash of the float model's recipe) and for method
   runs not in `runs` are kept; a different key starts afresh. Rows come out in `order` of the
-  method runs, then any others.
+  method runs, then any others. The read-merge-write holds a lock on the file, and the write is
+  atomic: concurrent runs keep each other's rows, and a crash or full disk leaves the old file.
+  A file damaged meanwhile is set aside (with a warning naming it), never overwritten.
   """
-  merged = {**load_runs(path, key), **runs}
-  names = [n for n in order if n in merged] + [n for n in merged if n not in order]
-  merged = {n: merged[n] for n in names}
-  with open(path, "w") as f:
-    json.dump({"key": key, "config": config, "runs": merged,
-               "rows": [r for n in names for r in merged[n]]}, f, indent=1, default=jsonable)
+  with files.locked(path):
+    try:
+      previous = load_runs(path, key)
+    except ValueError as e:
+      files.set_aside(path, f"is not a valid results file ({e})")
+      previous = {}
+    merged = {**previous, **runs}
+    names = [n for n in order if n in merged] + [n for n in merged if n not in order]
+    merged = {n: merged[n] for n in names}
+    text = json.dumps({"key": key, "config": config, "runs": merged,
+                       "rows": [r for n in names for r in merged[n]]}, indent=1,
+                      default=jsonable)
+    files.atomic_write(path, text)
   return [r for n in names for r in merged[n]]
 
 
