@@ -10,6 +10,10 @@ For each (m, N0, N1) of the GPFQ layer benchmark (benchmarks/gpfq_layer.py: the 
   which is what GPTQ costs from the same inputs as gpfq_gram;
 * gptq_g128: `qjax.gptq_layer(W, H, GridSpec(4, "group", 128))`, the common LLM grid, with
   scales fitted as the loop reaches each group.
+* the act-order family on the same alphabet: gptq_act (`gptq_layer(..., act_order=True)`, H
+  given), gpfq_act (`gpfq_layer(W, X, X~, levels, method="gram", act_order=True)`, from the
+  data) and qronos (`qjax.qronos_layer(W, X, X~, levels)`, from the data: H and G = X~^T X, one
+  more triangular solve than GPTQ), with its ratio over gptq+H.
 
 First call (compile + one run) and steady seconds (median of the interleaved rounds after it),
 compile ~ first - steady, and the ratios gptq / gpfq_gram, gptq+H / gpfq_gram. Goals: compile
@@ -62,7 +66,7 @@ def first_call_seconds(fn) -> float:
 def bench(shapes, repeats: int) -> list[dict]:
   rows = []
   for m, N0, N1 in shapes:
-    W, _, Xt, levels = layer(m, N0, N1)
+    W, X, Xt, levels = layer(m, N0, N1)
     H = jax.block_until_ready(gram(Xt))
     g128 = grids.GridSpec(4, "group", 128)
     fns = {
@@ -70,6 +74,10 @@ def bench(shapes, repeats: int) -> list[dict]:
         "gptq": functools.partial(qjax.gptq_layer, W, H, levels),
         "gptq+H": lambda: qjax.gptq_layer(W, gram(Xt), levels),
         "gptq_g128": functools.partial(qjax.gptq_layer, W, H, g128),
+        "gptq_act": functools.partial(qjax.gptq_layer, W, H, levels, act_order=True),
+        "gpfq_act": functools.partial(qjax.gpfq_layer, W, X, Xt, levels, method="gram",
+                                      act_order=True),
+        "qronos": functools.partial(qjax.qronos_layer, W, X, Xt, levels),
     }
     first = {name: first_call_seconds(fn) for name, fn in fns.items()}
     times, _ = round_robin(fns, repeats)
@@ -82,13 +90,16 @@ def bench(shapes, repeats: int) -> list[dict]:
     row["gptq_over_gpfq_gram"] = steady["gptq"] / steady["gpfq_gram"]
     row["gptq_with_H_over_gpfq_gram"] = steady["gptq+H"] / steady["gpfq_gram"]
     row["gptq_g128_over_gpfq_gram"] = steady["gptq_g128"] / steady["gpfq_gram"]
+    row["qronos_over_gptq_with_H"] = steady["qronos"] / steady["gptq+H"]
     rows.append(row)
     print(f"{m:>6} {N0:>5} {N1:>4} | {steady['gpfq_gram']:>8.3f} | "
           f"{first['gptq']:>7.2f} {row['gptq_compile_s']:>6.2f} {steady['gptq']:>8.3f} | "
           f"{steady['gptq+H']:>8.3f} | {row['gptq_g128_compile_s']:>6.2f} "
           f"{steady['gptq_g128']:>8.3f} | {row['gptq_over_gpfq_gram']:>6.2f} "
-          f"{row['gptq_with_H_over_gpfq_gram']:>6.2f} {row['gptq_g128_over_gpfq_gram']:>6.2f}",
-          flush=True)
+          f"{row['gptq_with_H_over_gpfq_gram']:>6.2f} {row['gptq_g128_over_gpfq_gram']:>6.2f} | "
+          f"{first['gptq_act']:>7.2f} {steady['gptq_act']:>8.3f} | {first['gpfq_act']:>7.2f} "
+          f"{steady['gpfq_act']:>8.3f} | {first['qronos']:>7.2f} {steady['qronos']:>8.3f} "
+          f"{row['qronos_over_gptq_with_H']:>6.2f}", flush=True)
   return rows
 
 
@@ -101,7 +112,8 @@ def main() -> None:
         f"{jax.default_backend()}", flush=True)
   print(f"{'m':>6} {'N0':>5} {'N1':>4} | {'gpfq s':>8} | {'gptq 1st':>7} {'comp':>6} "
         f"{'gptq s':>8} | {'gptq+H s':>8} | {'g128 cp':>6} {'g128 s':>8} | "
-        f"{'/gpfq':>6} {'+H/gpfq':>6} {'g128/':>6}", flush=True)
+        f"{'/gpfq':>6} {'+H/gpfq':>6} {'g128/':>6} | {'act 1st':>7} {'act s':>8} | "
+        f"{'fq-a 1st':>7} {'fq-a s':>8} | {'qr 1st':>7} {'qr s':>8} {'qr/+H':>6}", flush=True)
   rows = bench(QUICK_SHAPES if args.quick else SHAPES, 2 if args.quick else REPEATS)
   ok = all(r[f"{k}_compile_s"] < 10.0 for r in rows for k in ("gptq", "gptq_g128")) and all(
       r["gptq_over_gpfq_gram"] <= 2.0 for r in rows)

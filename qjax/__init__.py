@@ -11,6 +11,7 @@ from qjax import views
 from qjax.grids import quantize_rtn
 from qjax._gptq import gptq, gptq_layer
 from qjax.activations import ActSpec, calibrate_activations, with_activation_quant
+from qjax._qronos import qronos, qronos_layer
 
 __version__ = "0.1.0"
 
@@ -19,4 +20,5 @@ __all__ = [
     "quantize_uniform", "sparsity",
     "export", "grids", "gptq", "gptq_layer", "quantize_rtn", "views",
     "ActSpec", "calibrate_activations", "with_activation_quant",
+    "qronos", "qronos_layer",
 ]

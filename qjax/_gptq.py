@@ -101,30 +101,14 @@ def _block_size(N0: int, block_size: int, group: int | None) -> tuple[int, int]:
   return B, n
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "spec", "maxq", "block_size", "act_order",
-                                             "dynamic"))
-def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, maxq: int,
-          block_size: int, act_order: bool, dynamic: bool):
-  """The whole layer: dead inputs, grid fit, act-order, damping, U, the blocked loop.
+def column_loop(W, U, scale, zero, group_of_row, levels, *, mode: str, spec, maxq: int,
+                block_size: int, dynamic: bool):
+  """GPTQ's column loop (lazy blocks) on W (N0, N1) with U the upper Cholesky factor of the
+  damped H^-1; row t rounds onto the grid of group_of_row[t]. Shared with `qjax.qronos_layer`.
 
-  Returns (Q (N0, N1) in input order, scale (G, N1), zero (G, N1), finite: U has no NaN).
-  """
+  Returns (Q (N0, N1) in the order of W's rows, scale, zero)."""
   N0, N1 = W.shape
-  d = jnp.diagonal(H)
-  dead = d == 0
-  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(H.dtype))
-  W = jnp.where(dead[:, None], jnp.zeros_like(W), W)
   group = spec.group_size if spec is not None else None
-  if mode == "spec" and not dynamic:  # fit on W with dead inputs zeroed, before the loop
-    g = grids_lib.fit(W, spec)
-    scale, zero = g.scale, g.zero
-  if act_order:
-    perm = jnp.argsort(-jnp.diagonal(H), stable=True)
-    W, H, group_of_row = W[perm], H[perm][:, perm], group_of_row[perm]
-  H = H + damp * jnp.mean(jnp.diagonal(H)) * jnp.eye(N0, dtype=H.dtype)
-  U = inverse_cholesky_upper(H)
-  finite = jnp.all(jnp.isfinite(U))
-
   B, n = _block_size(N0, block_size, group if dynamic else None)
   Wp = jnp.pad(W, ((0, n - N0), (0, 0)))
   Up = jnp.eye(n, dtype=U.dtype).at[:N0, :N0].set(U)  # padded inputs: independent, dropped
@@ -178,7 +162,34 @@ def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, max
     return (Wc, scale, zero), Q1
 
   (_, scale, zero), Q = jax.lax.scan(block, (Wp, scale, zero), jnp.arange(n // B))
-  Q = Q.reshape(n, N1)[:N0]
+  return Q.reshape(n, N1)[:N0], scale, zero
+
+
+@functools.partial(jax.jit, static_argnames=("mode", "spec", "maxq", "block_size", "act_order",
+                                             "dynamic"))
+def _gptq(W, H, scale, zero, group_of_row, levels, damp, *, mode: str, spec, maxq: int,
+          block_size: int, act_order: bool, dynamic: bool):
+  """The whole layer: dead inputs, grid fit, act-order, damping, U, the blocked loop.
+
+  Returns (Q (N0, N1) in input order, scale (G, N1), zero (G, N1), finite: U has no NaN).
+  """
+  N0, N1 = W.shape
+  d = jnp.diagonal(H)
+  dead = d == 0
+  H = H + jnp.diag(jnp.where(dead, 1.0, 0.0).astype(H.dtype))
+  W = jnp.where(dead[:, None], jnp.zeros_like(W), W)
+  if mode == "spec" and not dynamic:  # fit on W with dead inputs zeroed, before the loop
+    g = grids_lib.fit(W, spec)
+    scale, zero = g.scale, g.zero
+  if act_order:
+    perm = jnp.argsort(-jnp.diagonal(H), stable=True)
+    W, H, group_of_row = W[perm], H[perm][:, perm], group_of_row[perm]
+  H = H + damp * jnp.mean(jnp.diagonal(H)) * jnp.eye(N0, dtype=H.dtype)
+  U = inverse_cholesky_upper(H)
+  finite = jnp.all(jnp.isfinite(U))
+
+  Q, scale, zero = column_loop(W, U, scale, zero, group_of_row, levels, mode=mode, spec=spec,
+                               maxq=maxq, block_size=block_size, dynamic=dynamic)
   if act_order:
     Q = jnp.zeros_like(Q).at[perm].set(Q)
   return Q, scale, zero, finite

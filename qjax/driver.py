@@ -148,6 +148,8 @@ class Report:
     act_scales: with a static `act=` spec, the activation scales used, by layer name
       ({name: {'scale', 'zero'}}, calibrated on the quantized stream; for
       `qjax.with_activation_quant(..., scales=)` and `qjax.export.pack(..., act=)`).
+    damp: the damping used by `qjax.qronos` (chosen by its damp search when given; None
+      elsewhere); C_search then holds (damp, held-out loss).
   """
   method: str
   rule: str | None
@@ -161,6 +163,7 @@ class Report:
   error_seconds: float = 0.0
   other_params: tuple[tuple[str, str], ...] = ()
   act_scales: Mapping[str, Any] | None = None
+  damp: float | None = None
 
   def __str__(self) -> str:
     return format_report(self)
@@ -176,6 +179,8 @@ def format_report(report: Report) -> str:
     title += f"  rule={report.rule}"
   if report.C is not None:
     title += f"  C={report.C:g}"
+  if report.damp is not None:
+    title += f"  damp={report.damp:g}"
   lines = [title, head, "-" * len(head)]
   fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
   for r in report.layers:
@@ -188,7 +193,8 @@ def format_report(report: Report) -> str:
   for name, reason in report.other_params:
     lines.append(f"{name:<{width}} stays float: {reason}")
   if report.C_search:
-    lines.append("C search (held-out loss): " + ", ".join(
+    what = "damp" if report.damp is not None else "C"
+    lines.append(f"{what} search (held-out loss): " + ", ".join(
         f"{c:g}: {loss:.4g}" for c, loss in report.C_search))
   if report.bias_shift is not None:
     lines.append(f"bias correction on the last layer: ||shift|| = {report.bias_shift:.4g}")

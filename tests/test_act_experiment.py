@@ -69,7 +69,8 @@ def test_transformer_grid_methods_with_acts():
             "l2": {"kernel": jax.random.normal(k2, (16, 4))}}
   apply_fn = lambda p, x: jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (64, 8))
-  config = ml_collections.ConfigDict(dict(methods=("rtn-grid", "gptq"), grids=("channel",),
+  grid_methods = ("rtn-grid", "gptq", "gptq-act", "gpfq-act", "qronos")
+  config = ml_collections.ConfigDict(dict(methods=grid_methods, grids=("channel",),
                                           bits=(4,), acts=("a8-token", "a4-tensor")))
   task = transformers.Task("mlp", params, apply_fn, x, config)
   ref = apply_fn(params, x)
@@ -78,7 +79,7 @@ def test_transformer_grid_methods_with_acts():
     return {"err": float(np.linalg.norm(apply(q, x) - ref) / np.linalg.norm(ref))}
 
   runs = transformers._quantized_rows(task, evaluate)  # pylint: disable=protected-access
-  for method in ("rtn-grid", "gptq"):
+  for method in grid_methods:
     rows = runs[method]
     assert [r.get("act", "") for r in rows] == ["", "a8-token", "a4-tensor"]
     assert rows[2]["err"] > rows[0]["err"] > 0  # 4-bit static activations cost accuracy

@@ -213,7 +213,8 @@ def test_grid_spec_names():
 
 @pytest.mark.slow
 def test_grid_methods_round_onto_the_same_levels(tmp_path):
-  """rtn-grid, gptq and gpfq-grid rows: RTN, GPTQ and GPFQ on identical grids per setting."""
+  """rtn-grid, gptq, gpfq-grid and the act-order family (gptq-act, gpfq-act, qronos): all on
+  identical grids per setting."""
   import qjax  # pylint: disable=g-import-not-at-top
   from qjax import text  # pylint: disable=g-import-not-at-top
   from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
@@ -235,7 +236,7 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
     assert set(gptq_grids) == set(gpfq_grids) and "embed/embedding" not in gptq_grids
     for layer, g in gptq_grids.items():
       np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(gpfq_grids[layer].scale))
-    for method in ("gptq", "gpfq-grid"):
+    for method in ("gptq", "gpfq-grid", "gptq-act", "gpfq-act", "qronos"):
       q, _ = transformers.GRID_QUANTIZERS[method][1](task, spec)
       np.testing.assert_array_equal(q["embed"]["embedding"], params["embed"]["embedding"])
       for layer, g in gptq_grids.items():

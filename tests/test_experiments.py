@@ -141,3 +141,15 @@ def test_gpfq_grid_bits_config():
     gpfq_experiment.validate(cfg)
   with pytest.raises(TypeError, match=r"config.gpfq.grid_bits must be a sequence"):
     gpfq_experiment.validate(ml_collections.ConfigDict({**cfg.to_dict(), "grid_bits": 4}))
+
+
+def test_gpfq_act_order_rows_config():
+  """config.gpfq.act_order_rows / damp_grid: gptq-act-pc, gpfq-act-pc and qronos-pc rows."""
+  cfg = gpfq_experiment.default_config()
+  assert cfg.act_order_rows and tuple(cfg.damp_grid) == (0.01, 0.1, 0.3)
+  for bad in ((), (0.1, 0.0), (float("nan"),)):
+    cfg.damp_grid = bad
+    with pytest.raises(ValueError, match=r"config.gpfq.damp_grid must be a non-empty"):
+      gpfq_experiment.validate(cfg)
+  cfg.act_order_rows = False
+  gpfq_experiment.validate(cfg)  # no Qronos rows: damp_grid unused

@@ -7,7 +7,7 @@ and the device path, and holds the per-layer diagnostics `gpfq_residuals` and `r
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -189,10 +189,40 @@ def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any)
                        quantizer=quantizer, key=key, lambda_=lambda_)
 
 
+class _Permuted(NamedTuple):
+  """A rounder seen through an input permutation: step t rounds row perm[t] of the original
+  order (its group's grid, its pre-drawn uniforms), so grids stay those of the original rows."""
+  inner: Any
+  perm: jax.Array  # (N0,) int32, shared by all neurons
+
+  def round_row(self, z: jax.Array, t: jax.Array) -> jax.Array:
+    return self.inner.round_row(z, self.perm[t])
+
+
+def _act_order(W, X, X_tilde, levels):
+  """(perm, W[perm], the data with columns permuted, the rounder seen through perm) for inputs
+  in order of decreasing diag(X~^T X~) (stable: ties keep their order)."""
+  W = jnp.asarray(W)
+  _check_W(W)
+  array = _is_array(X)
+  pairs = list(_chunks(W, X, X_tilde))  # checked; a stream is read once and kept
+  d = sum(jnp.sum(jnp.square(jnp.asarray(xt, jnp.float32)), axis=0) for _, xt in pairs)
+  perm = jnp.argsort(-d, stable=True).astype(jnp.int32)
+  permuted = []
+  for x, xt in pairs:
+    xp = jnp.asarray(x)[:, perm]
+    permuted.append((xp, xp if xt is x else jnp.asarray(xt)[:, perm]))
+  data = permuted[0] if array else (permuted, None)
+  if kernels.is_rounder(levels):
+    levels = _Permuted(levels, perm)
+  return perm, W[perm], data, levels
+
+
 def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "auto",
                block_size: int | None = None, dtype: Any = jnp.float32, mesh: Any = None,
                data_axis: str | None = "data", model_axis: str | None = "model",
-               quantizer: str = "msq", key: Any = None, lambda_: Any = None) -> jax.Array:
+               quantizer: str = "msq", key: Any = None, lambda_: Any = None,
+               act_order: bool = False) -> jax.Array:
   """Quantize one layer with GPFQ (paper Eq. 7-8), all neurons (columns of W) in parallel.
 
   Args:
@@ -228,6 +258,9 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       GPFQ authors' code). Not allowed with a rounder (it carries its own).
     key: jax.random key for quantizer="stochastic" (only then).
     lambda_: threshold for the thresholding quantizers, in the units of the weights (only then).
+    act_order: process the inputs in order of decreasing diag(X~^T X~) (GPTQ's act-order; both
+      forms and the mesh path): W's rows and the data's columns are permuted, every row still
+      rounds onto the grid (group) of its original position, Q comes back in the original order.
 
   Returns:
     Q, shape and dtype of W, every entry a value of the rounder (in `levels` for an alphabet);
@@ -241,6 +274,11 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     TypeError: a rounder whose `round_row` does not return floats shaped like its argument.
   """
   levels = _with_quantizer(W, levels, quantizer, key, lambda_)
+  if act_order:
+    perm, Wp, (Xp, Xtp), levels = _act_order(W, X, X_tilde, levels)
+    Q = gpfq_layer(Wp, Xp, Xtp, levels, method=method, block_size=block_size, dtype=dtype,
+                   mesh=mesh, data_axis=data_axis, model_axis=model_axis)
+    return jnp.zeros_like(Q).at[perm].set(Q)
   rounder, X, X_tilde, same, B, method = _prepare(W, X, X_tilde, levels, method, block_size,
                                                   dtype)
   mesh = sharded.resolve_mesh(mesh)

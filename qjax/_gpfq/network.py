@@ -85,7 +85,8 @@ def output_error(q_out: PyTree, float_out: PyTree) -> jax.Array:
   return err / sum(jnp.sum(b ** 2) for b in leaves_f)
 
 
-def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis) -> jax.Array:
+def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis,
+                 act_order=False) -> jax.Array:
   """GPFQ (Eq. 7-8) on each of the layer's independent problems, side by side; `levels` is an
   alphabet shared by all, or a function (problem index, W columns) -> rounder."""
   if mesh is not None and model_axis in mesh.axis_names:  # a bad axis name fails in gpfq_layer
@@ -105,7 +106,8 @@ def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis) -
                for x, xt in chunks), None)
     target = levels(g, cols) if callable(levels) else levels
     blocks.append(gpfq_layer(W[:, cols], *data, target, method=method, mesh=mesh,
-                             data_axis=data_axis, model_axis=model_axis))
+                             data_axis=data_axis, model_axis=model_axis,
+                             act_order=act_order))
   return jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
@@ -123,7 +125,7 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
                data_axis: str | None = "data", model_axis: str | None = "model", *,
                grid: Mapping[str, grids.GridSpec] | grids.GridSpec | None = None,
                quantizer: str = "msq", key: jax.Array | None = None, lambda_: Any = None,
-               grids_out: views_lib.Targets | None = None) -> Callable:
+               grids_out: views_lib.Targets | None = None, act_order: bool = False) -> Callable:
   """`grid`: a GridSpec for every layer or {layer name: GridSpec} (already resolved); `key`:
   the stochastic quantizer's key (layer i uses fold_in(key, i), problem g of it fold_in(., g))."""
   mesh = resolve_mesh(mesh) if kind == "gpfq" else None
@@ -149,7 +151,7 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
         Q = rtn_Q
       else:
         Q = _gpfq_groups(W, chunks, info, rounders(W, info, fitted), method, mesh, data_axis,
-                         model_axis).astype(W.dtype)
+                         model_axis, act_order).astype(W.dtype)
       if grids_out is not None:
         grids_out.add(name, fitted, info.leaf_index())
       return Q, dict(bits=spec.bits, msq_error=info.error(rtn_Q), sparsity=_sparsity(Q))
@@ -161,10 +163,10 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
       Q = msq_Q
     elif quantizer == "msq":  # the paper's GPFQ, unchanged
       Q = _gpfq_groups(W, chunks, info, pad_levels(levels), method, mesh, data_axis,
-                       model_axis).astype(W.dtype)
+                       model_axis, act_order).astype(W.dtype)
     else:
       Q = _gpfq_groups(W, chunks, info, rounders(W, info, levels), method, mesh, data_axis,
-                       model_axis).astype(W.dtype)
+                       model_axis, act_order).astype(W.dtype)
     if grids_out is not None:
       grids_out[name] = levels
     return Q, dict(delta=delta, msq_error=info.error(msq_Q), sparsity=_sparsity(Q))
@@ -232,7 +234,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
          progress: bool, mesh: Any = None, data_axis: str | None = "data",
          model_axis: str | None = "model", grid: Any = None, rounding: str = "msq",
          lambda_: Any = None, grids_out: views_lib.Targets | None = None, act: Any = None,
-         act_scales: Any = None) -> tuple[PyTree, Report]:
+         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
   start = time.perf_counter()
   # -- eager validation, cheapest first.
   if rule not in DEFAULT_C:
@@ -270,7 +272,7 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
   rules.check(act, "act", driver.activations.check_act)
   make = lambda c, g=None, out=grids_out: _quantizer(  # noqa: E731
       quantizer, c, rule, method, mesh, data_axis, model_axis, grid=g, quantizer=rounding,
-      key=round_key, lambda_=lambda_, grids_out=out)
+      key=round_key, lambda_=lambda_, grids_out=out, act_order=act_order)
 
   # -- the grid's layers: fitted per layer, no C.
   if grid is not None:
@@ -382,6 +384,8 @@ _COMMON_DOC = """
       thresholding by `lambda_` before rounding: sparser Q). The report's 'sparse' column is
       the fraction of zeros in each layer's Q.
     lambda_: (`gpfq` only) the threshold of the thresholding quantizers, in weight units.
+    act_order: (`gpfq` only) quantize each layer's inputs in order of decreasing
+      diag(X~^T X~) (`gpfq_layer(act_order=True)`); grids keep each input's original group.
     return_grids: also return a `qjax.views.Targets` {layer name: fitted `qjax.grids.Grid`, or
       the alphabet} that carries each grid's view (the layer's matrix), so
       `qjax.export.pack(q, grids)` packs every layer exactly.
@@ -416,7 +420,7 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
          model_axis: str | None = "model", grid: GridRules | None = None,
          quantizer: str = "msq", lambda_: float | None = None,
          return_grids: bool = False, act: Any = None,
-         act_scales: Any = None) -> tuple[PyTree, Report]:
+         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
   fitted = views_lib.Targets()
   q_params, report = _run(
       "gpfq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
@@ -425,7 +429,7 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
       holdout_fraction=holdout_fraction, holdout_loss=holdout_loss, apply_kwargs=apply_kwargs,
       progress=progress, mesh=mesh, data_axis=data_axis, model_axis=model_axis, grid=grid,
       rounding=quantizer, lambda_=lambda_, grids_out=fitted if return_grids else None,
-      act=act, act_scales=act_scales)
+      act=act, act_scales=act_scales, act_order=act_order)
   return (q_params, report, fitted) if return_grids else (q_params, report)
 
 

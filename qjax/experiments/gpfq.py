@@ -49,6 +49,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.seed = 0                      # calibration draw and patch sampling
   c.msq = True                    # also run MSQ on the same alphabet
   c.grid_bits = (4, 3, 2)         # per-channel symmetric grid rows (rtn/gptq/gpfq-pc); () = none
+  c.act_order_rows = True         # and gptq-act-pc, gpfq-act-pc, qronos-pc on the same grids
+  c.damp_grid = (0.01, 0.1, 0.3)  # Qronos' damp, chosen on the held-out tail (output error)
   return c
 
 
@@ -62,6 +64,11 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config.gpfq") -> None
     raise TypeError(f"{where}.grid_bits must be a sequence of ints, got {cfg.grid_bits!r}")
   for b in cfg.grid_bits:
     rules.check_bits(b, f"{where}.grid_bits", low=1, high=8)
+  damps = tuple(cfg.damp_grid) if hasattr(cfg.damp_grid, "__iter__") else (cfg.damp_grid,)
+  if cfg.act_order_rows and (not damps or not all(
+      isinstance(d, (int, float)) and 0 < d < float("inf") for d in damps)):
+    raise ValueError(f"{where}.damp_grid must be a non-empty sequence of finite values > 0, "
+                     f"got {cfg.damp_grid!r}")
   if cfg.rule not in network.DEFAULT_C:
     raise ValueError(f"{where}.rule must be one of {sorted(network.DEFAULT_C)}, got {cfg.rule!r}")
   if cfg.holdout_loss not in ("cross_entropy", "output"):
@@ -156,6 +163,28 @@ def grid_rows(ctx, cfg, x: np.ndarray) -> list[dict]:
                                  method=cfg.method, **common)
     out.append(_row("gpfq-pc", int(bits), ctx.evaluate(f_vars), ctx,
                     time.perf_counter() - start, f_report))
+    if not cfg.act_order_rows:
+      continue
+    # The act-order family on the same grid: GPTQ and GPFQ with act-order, and Qronos (with
+    # act-order; damp chosen on the calibration draw's held-out tail, then refitted on all of it).
+    start = time.perf_counter()
+    g_vars, g_report = qjax.gptq(ctx.variables, ctx.model.apply, x, bits=int(bits),
+                                 granularity="channel", symmetric=True, act_order=True, **common)
+    out.append(_row("gptq-act-pc", int(bits), ctx.evaluate(g_vars), ctx,
+                    time.perf_counter() - start, g_report))
+    start = time.perf_counter()
+    f_vars, f_report = qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec,
+                                 method=cfg.method, act_order=True, **common)
+    out.append(_row("gpfq-act-pc", int(bits), ctx.evaluate(f_vars), ctx,
+                    time.perf_counter() - start, f_report))
+    start = time.perf_counter()
+    kw = dict(bits=int(bits), granularity="channel", symmetric=True, act_order=True, **common)
+    _, search = qjax.qronos(ctx.variables, ctx.model.apply, x, damp_grid=tuple(cfg.damp_grid),
+                            holdout_fraction=cfg.holdout_fraction, **kw)
+    q_vars, q_report = qjax.qronos(ctx.variables, ctx.model.apply, x, damp=search.damp, **kw)
+    row = _row("qronos-pc", int(bits), ctx.evaluate(q_vars), ctx, time.perf_counter() - start,
+               q_report)
+    out.append(dict(row, damp=search.damp))
   return out
 
 

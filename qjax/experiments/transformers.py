@@ -178,11 +178,11 @@ def _gptq(task: Task, spec, act=None) -> tuple[PyTree, dict]:
   return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
-def _gpfq_grid(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+def _gpfq_grid(task: Task, spec, act=None, act_order: bool = False) -> tuple[PyTree, dict]:
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec,
-                          skip=_skip(task), progress=False, act=act)
+                          skip=_skip(task), progress=False, act=act, act_order=act_order)
   _check_report(report, "gpfq")
   return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
@@ -213,12 +213,50 @@ def _with_act(task: Task, fn: Callable, spec, act: str) -> tuple[PyTree, dict]:
   return q, {"act": act, **extra}
 
 
+def _gptq_act(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+  """GPTQ with act-order (static groups, so the levels stay those of RTN): the strong baseline."""
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    q, report = qjax.gptq(task.params, task.apply_fn, task.calibration, bits=spec.bits,
+                          granularity=spec.granularity, group_size=spec.group_size,
+                          symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
+                          static_groups=True, skip=_skip(task), progress=False, act=act)
+  _check_report(report, "gptq-act")
+  return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
+
+
+# Qronos' damping (fraction of mean diag(X~^T X~)), chosen per setting on the held-out tail of
+# the calibration batch (never the test split), then refitted on the whole batch.
+QRONOS_DAMP_GRID = (0.03, 0.1, 0.3)
+
+
+def _qronos(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+  """Qronos with act-order on the same GridSpec; damp searched over `QRONOS_DAMP_GRID`."""
+  kw = dict(bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size,
+            symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
+            skip=_skip(task), progress=False, act=act)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    damp = QRONOS_DAMP_GRID[0]
+    if len(QRONOS_DAMP_GRID) > 1:
+      _, search = qjax.qronos(task.params, task.apply_fn, task.calibration,
+                              damp_grid=QRONOS_DAMP_GRID, holdout_fraction=0.2, **kw)
+      damp = search.damp
+    q, report = qjax.qronos(task.params, task.apply_fn, task.calibration, damp=damp, **kw)
+  _check_report(report, "qronos")
+  return q, {"damp": damp, "layers": _layer_errors(report), "_act_scales": report.act_scales}
+
+
 # name -> (row method, fn(task, GridSpec) -> (quantized bare params, extra row columns)); each
 # runs on every `config.grids` x `config.bits` setting.
 GRID_QUANTIZERS: dict[str, tuple[str, Callable[[Task, Any], tuple[PyTree, dict]]]] = {
     "rtn-grid": ("rtn", _grid_rtn),
     "gptq": ("gptq", _gptq),
     "gpfq-grid": ("gpfq", _gpfq_grid),
+    "gptq-act": ("gptq-act", _gptq_act),
+    "gpfq-act": ("gpfq-act", lambda task, spec, act=None: _gpfq_grid(task, spec, act,
+                                                                     act_order=True)),
+    "qronos": ("qronos", _qronos),
 }
 # Row labels of the methods on GPFQ's per-layer alphabet / per-tensor grids.
 _GRID_OF = {"rtn": "tensor", "rtn-channel": "channel", "gpfq": "paper", "msq": "paper"}
