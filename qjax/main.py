@@ -8,6 +8,7 @@ modules in `qjax.experiments`, never the reverse. Results are merged per method 
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
@@ -85,6 +86,34 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
       node = node[part]
 
 
+def expand_lists(config: ml_collections.ConfigDict, argv: list[str]) -> list[str]:
+  """`argv` with `--config.K=a,b` on a tuple-valued K spelled as a tuple literal ('a', 'b').
+
+  Items are Python literals where they parse (`--config.bits=4,3`), else strings
+  (`--config.methods=rtn,gptq-act`); values already in tuple or list syntax are kept.
+  """
+  out = []
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      key, value = arg[len("--config."):].split("=", 1)
+      node = config
+      for part in key.split("."):
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if isinstance(node, tuple) and not value.strip().startswith(("(", "[")):
+        items = tuple(_literal(v.strip()) for v in value.split(",") if v.strip())
+        arg = f"--config.{key}={items!r}"
+    out.append(arg)
+  return out
+
+
+def _literal(text: str):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return value if isinstance(value, (int, float, str, bool)) else text
+
+
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
   """'config.a.b = value' lines for every leaf key: what `--config.a.b=...` can override."""
   lines = []
@@ -120,4 +149,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-__all__ = ["TASKS", "run", "validate_config", "load_config", "check_overrides", "config_keys"]
+__all__ = ["TASKS", "run", "validate_config", "load_config", "check_overrides", "config_keys",
+           "expand_lists"]

@@ -190,3 +190,118 @@ def test_save_removes_temporary_dirs_of_a_killed_save(tmp_path, capsys):
   assert not stale.exists()
   assert "interrupted save" in capsys.readouterr().out
   assert sorted(os.listdir(tmp_path)) == ["ckpt"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Overflow, integer weights and bad rates: errors, not silent wrong answers.
+
+
+def _mlp(p, x):
+  return jnp.tanh(x @ p["dense1"]["kernel"]) @ p["dense2"]["kernel"]
+
+
+def _mlp_params(scale=1.0):
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {"dense1": {"kernel": scale * jax.random.normal(k1, (16, 32), jnp.float32)},
+          "dense2": {"kernel": scale * jax.random.normal(k2, (32, 8), jnp.float32)}}
+
+
+def test_gpfq_layer_refuses_inputs_whose_gram_overflows():
+  import qjax
+  W = jax.random.normal(jax.random.key(1), (16, 8), jnp.float32)
+  X = jax.random.normal(jax.random.key(2), (64, 16), jnp.float32)
+  levels = jnp.linspace(-2.0, 2.0, 15)
+  Q = qjax.gpfq_layer(W, X, X, levels)
+  assert jnp.isfinite(Q).all()
+  with pytest.raises(ValueError, match="X is too large for float32"):
+    qjax.gpfq_layer(W, X * 1e20, X * 1e20, levels)
+
+
+def test_gpfq_network_overflow_names_the_layer():
+  import qjax
+  x = jax.random.normal(jax.random.key(3), (64, 16), jnp.float32)
+  with pytest.raises(ValueError, match="layer 'dense1'.*float32"):
+    qjax.gpfq(_mlp_params(1e30), _mlp, x, grid=grids.GridSpec(4), progress=False)
+
+
+def test_gptq_nan_hessian_names_the_layer():
+  import qjax
+  x = jax.random.normal(jax.random.key(3), (64, 16), jnp.float32) * 1e20
+  with pytest.raises(ValueError, match="layer 'dense1'.*H contains NaN or Inf.*overflows"):
+    qjax.gptq(_mlp_params(), _mlp, x, bits=4, progress=False)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_grid_fit_of_the_widest_float32_range_is_finite(symmetric):
+  W = jnp.asarray(np.random.default_rng(0).uniform(-3e38, 3e38, (16, 4)), jnp.float32)
+  grid = grids.fit(W, grids.GridSpec(4, symmetric=symmetric))
+  assert jnp.isfinite(grid.scale).all()
+  Q = grid.round(W)
+  assert jnp.isfinite(Q).all()
+  assert float(jnp.max(jnp.abs(Q - W))) <= float(jnp.max(grid.scale))
+
+
+def test_integer_weights_are_refused_by_name():
+  import qjax
+  W = jnp.arange(16 * 8, dtype=jnp.int32).reshape(16, 8)
+  X = jax.random.normal(jax.random.key(2), (64, 16), jnp.float32)
+  with pytest.raises(TypeError, match="W must be a float array.*int32"):
+    qjax.gpfq_layer(W, X, X, jnp.linspace(-2.0, 2.0, 15))
+  with pytest.raises(TypeError, match="W must be a float array.*int32"):
+    qjax.gptq_layer(W, X.T @ X, grids.GridSpec(4))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=0.0), "eps must be a finite number > 0"),
+    (dict(eps=-1e-8), "eps must be"),
+    (dict(lambda_s=float("nan"), normalized=False), "lambda_s"),
+    (dict(learning_rate=float("nan")), "learning_rate must be finite"),
+    (dict(learning_rate=float("inf")), "learning_rate must be finite"),
+])
+def test_psgd_refuses_bad_eps_and_rates(kwargs, message):
+  from qjax import psgd
+  kwargs = {"learning_rate": 0.1, **kwargs}
+  with pytest.raises(ValueError, match=message):
+    psgd.psgd(bits=4, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# The main job: no cached chance-level model; the README's comma-separated lists.
+
+
+def test_comma_separated_lists_become_tuples():
+  from qjax import main as main_lib
+  config = main_lib.load_config("configs/mnist_lenet5.py")
+  argv = ["qjax", "--config.methods=rtn,gpfq", "--config.bits=8,4", "--config.epochs=2",
+          "--config.methods=('rtn',)"]
+  out = main_lib.expand_lists(config, argv)
+  assert out == ["qjax", "--config.methods=('rtn', 'gpfq')", "--config.bits=(8, 4)",
+                 "--config.epochs=2", "--config.methods=('rtn',)"]
+
+
+def test_float_model_below_twice_chance_is_an_error_and_not_cached(tmp_path):
+  r = subprocess.run(
+      [sys.executable, "-m", "qjax", "--config", "configs/mnist_lenet5.py",
+       "--config.learning_rate=nan", "--config.epochs=1", "--config.methods=rtn",
+       "--config.bits=8", "--workdir", str(tmp_path)],
+      capture_output=True, text=True, timeout=600, cwd=REPO,
+      env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode != 0
+  assert "below twice chance" in r.stderr and "config.learning_rate = nan" in r.stderr
+  assert not [f for f in os.listdir(tmp_path) if f.endswith((".msgpack", ".json"))]
+
+
+def test_misleading_messages_are_mended():
+  import qjax
+  from qjax import main as main_lib
+  W = jnp.ones((16, 8), jnp.float32)
+  X = jnp.ones((32, 16), jnp.float32)
+  with pytest.raises(TypeError, match="qjax.grids.fit"):
+    qjax.gpfq_layer(W, X, X, grids.GridSpec(4))
+  with pytest.raises(TypeError, match="got str 'int4'"):
+    qjax.gptq_layer(W, X.T @ X, "int4")
+  for key, value in (("batch_size", 0), ("epochs", -1)):
+    config = main_lib.load_config("configs/mnist_lenet5.py")
+    config[key] = value
+    with pytest.raises(ValueError, match=f"config.{key} must be an int"):
+      main_lib.validate_config(config)

@@ -74,6 +74,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model not in models.MODELS:
     raise ValueError(f"config.model: unknown model {config.model!r}; "
                      f"choose one of {sorted(models.MODELS)}")
+  for key in ("batch_size", "epochs"):
+    low = 1 if key == "batch_size" else 0
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < low:
+      raise ValueError(f"config.{key} must be an int >= {low}, got {config[key]!r}")
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   for m in config.methods:
@@ -109,6 +113,14 @@ def float_model(config, model, splits, key, workdir) -> dict:
                            batch_size=config.batch_size, seed=config.seed,
                            augment_shift=config.augment_shift, desc="float")
   variables = train_lib.state_variables(state)
+  x, y = splits["val"] if splits["val"][0].shape[0] else splits["test"]
+  accuracy = train_lib.evaluate(model.apply, variables, x, y)
+  floor = 2 * 100.0 / config.num_classes
+  if not accuracy >= floor:  # also catches NaN
+    raise ValueError(f"the float {config.model} reached {accuracy:.1f}% on held-out digits, "
+                     f"below twice chance ({floor:.0f}%): training failed (check "
+                     f"config.learning_rate = {config.learning_rate}, config.epochs); not "
+                     "cached, no rows written")
   train_lib.save_variables(path, variables)
   return variables
 
