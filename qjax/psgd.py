@@ -149,10 +149,11 @@ def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float 
     from the authors' rebuttal).
   """
   # eps = 0 makes s = 0/0 on a tensor whose weights all sit on targets.
-  if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
-    raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-  if not (isinstance(lambda_s, (int, float)) and math.isfinite(lambda_s) and lambda_s > 0):
-    raise ValueError(f"lambda_s must be a finite number > 0, got {lambda_s!r}")
+  for name, value in (("eps", eps), ("lambda_s", lambda_s)):
+    if isinstance(value, jax.core.Tracer):
+      continue  # a traced hyperparameter (inject_hyperparams under jit): checked by its caller
+    if not (math.isfinite(float(value)) and float(value) > 0):
+      raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
   def init_fn(params: PyTree) -> optax.EmptyState:
     _bind(targets, params)  # eager check of the bits rules against the layers
@@ -219,7 +220,8 @@ def psgd(learning_rate: optax.ScalarOrSchedule, bits: BitsSpec | None = None, *,
   """
   if (bits is None) == (targets is None):
     raise ValueError("psgd needs exactly one of `bits` (uniform grid) and `targets`")
-  if not callable(learning_rate) and not math.isfinite(float(learning_rate)):
+  if not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer) and (
+      not math.isfinite(float(learning_rate))):
     raise ValueError(f"learning_rate must be finite, got {learning_rate}")
   if targets is None:
     targets = uniform_targets(bits)

@@ -305,3 +305,33 @@ def test_misleading_messages_are_mended():
     config[key] = value
     with pytest.raises(ValueError, match=f"config.{key} must be an int"):
       main_lib.validate_config(config)
+
+
+def test_rows_over_seeds_are_mean_and_sample_std():
+  per_seed = [{"rtn": [{"method": "rtn", "bits": 4, "accuracy": a, "seconds": s}]}
+              for a, s in ((97.0, 1.0), (98.0, 2.0), (99.0, 3.0))]
+  (row,) = results.aggregate(per_seed)["rtn"]
+  assert row == {"method": "rtn", "bits": 4, "accuracy": 98.0, "seconds": 2.0, "acc_std": 1.0,
+                 "seeds": 3}
+  per_seed[1]["rtn"][0]["method"] = "other"
+  with pytest.raises(ValueError, match="'method' differs"):
+    results.aggregate(per_seed)
+
+
+def test_seeds_must_be_distinct_ints():
+  from qjax import main as main_lib
+  config = main_lib.load_config("configs/mnist_lenet5.py")
+  assert config.seeds == (0, 1, 2)
+  config.seeds = (1, 1)
+  with pytest.raises(ValueError, match="config.seeds must be distinct ints"):
+    main_lib.validate_config(config)
+
+
+def test_constraints_file_pins_what_the_readme_installs():
+  with open(os.path.join(REPO, "constraints.txt")) as f:
+    pins = dict(line.strip().split("==") for line in f if "==" in line)
+  for name in ("jax", "jaxlib", "flax", "optax", "numpy", "chex"):
+    assert name in pins, name
+  with open(os.path.join(REPO, "README.md")) as f:
+    head = f.read().split("qjax is a JAX/Flax library")[0]
+  assert head.count("pip install -c constraints.txt") == 2

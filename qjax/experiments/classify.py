@@ -74,6 +74,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model not in models.MODELS:
     raise ValueError(f"config.model: unknown model {config.model!r}; "
                      f"choose one of {sorted(models.MODELS)}")
+  seeds = config.get("seeds") or ()
+  if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or (
+      len(set(seeds)) != len(seeds)):
+    raise ValueError(f"config.seeds must be distinct ints, got {seeds!r}")
   for key in ("batch_size", "epochs"):
     low = 1 if key == "batch_size" else 0
     if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < low:
@@ -137,7 +141,7 @@ def rtn_rows(ctx: Context) -> list[dict]:
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
+def _run_one(config: ml_collections.ConfigDict, workdir: str,
         methods: dict[str, Callable[[Context], list[dict]]] | None = None
         ) -> tuple[dict[str, list[dict]], str]:
   """Train or restore the float model and run every configured method.
@@ -167,6 +171,25 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     runs[name] = fn(ctx)
     print(f"{name}: {time.perf_counter() - start:.1f} s")
   return runs, train_config_hash(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        methods: dict[str, Callable[[Context], list[dict]]] | None = None
+        ) -> tuple[dict[str, list[dict]], str]:
+  """Every configured method's rows; over `config.seeds` (each a float model and a calibration
+  draw): the rows' mean, with `acc_std` (sample std of accuracy) and `seeds` columns."""
+  seeds = tuple(config.get("seeds") or (config.seed,))
+  if len(seeds) == 1:
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed = seeds[0]
+    return _run_one(one, workdir, methods)
+  per_seed = []
+  for seed in seeds:
+    print(f"--- seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed, one.seeds = seed, (seed,)
+    per_seed.append(_run_one(one, workdir, methods)[0])
+  return results.aggregate(per_seed), train_config_hash(config) + "-" + "-".join(map(str, seeds))
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -30,6 +30,40 @@ def accuracy_row(method: str, bits: float, accuracy: float, float_accuracy: floa
              drop=round(float(float_accuracy) - float(accuracy), 2), **extra)
 
 
+def aggregate(per_seed: Sequence[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+  """Rows over seeds ({method run: rows} per seed, same rows in the same order): numeric
+  columns become their mean, `acc_std` is the sample std of `accuracy`, `seeds` their count.
+
+  Raises:
+    ValueError if the seeds' runs differ in method runs, row counts or text columns.
+  """
+  first = per_seed[0]
+  out = {}
+  for name, rows in first.items():
+    if any(len(runs.get(name, ())) != len(rows) for runs in per_seed):
+      raise ValueError(f"method run {name!r} has different row counts over the seeds")
+    out[name] = []
+    for i, r in enumerate(rows):
+      group = [runs[name][i] for runs in per_seed]
+      row_out = {}
+      for k, v in r.items():
+        values = [g.get(k) for g in group]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+            isinstance(x, (int, float)) for x in values):
+          mean = float(np.mean(values))
+          row_out[k] = v if all(x == v for x in values) else round(mean, 4)
+        elif any(x != v for x in values):
+          raise ValueError(f"method run {name!r} row {i}: column {k!r} differs over the seeds "
+                           f"({values})")
+        else:
+          row_out[k] = v
+      if "accuracy" in r:
+        row_out["acc_std"] = round(float(np.std([g["accuracy"] for g in group], ddof=1)), 2)
+      row_out["seeds"] = len(group)
+      out[name].append(row_out)
+  return out
+
+
 def format_table(rows: Sequence[dict]) -> str:
   """Fixed-width text table: the usual first columns, then every other scalar column."""
   present = {k for r in rows for k in r}
