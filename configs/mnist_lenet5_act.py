@@ -15,6 +15,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = main.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                          "mnist_lenet5.py"))
   config.name = "mnist_lenet5_act"
+  config.seeds = (0,)  # one float model (the main job's table averages seeds)
   config.methods = ("act",)
   config.bits = (8, 4)
   return config

@@ -18,6 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = main.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                          "mnist_lenet5.py"))
   config.name = "mnist_lenet5_psgd"
+  config.seeds = (0,)  # one float model (the main job's table averages seeds)
   config.methods = ("psgd",)
   config.bits = (4, 3, 2)
   config.psgd = psgd_experiment.default_config()

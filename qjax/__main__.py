@@ -42,6 +42,7 @@ def cli(argv: list[str] | None = None) -> None:
     path = main_lib.resolve_config_path(path)
     config = main_lib.load_config(path)
     main_lib.check_overrides(config, argv)
+    argv = main_lib.expand_lists(config, argv)
   except ValueError as e:
     sys.exit(f"error: {e}")
   if any(a in ("-h", "--help", "-help", "--helpshort") for a in argv):

@@ -233,6 +233,9 @@ def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float 
   W = jnp.asarray(W)
   if W.ndim != 2 or W.size == 0:
     raise ValueError(f"W must be a non-empty 2-D (N0, N1) array, got shape {W.shape}")
+  if not jnp.issubdtype(W.dtype, jnp.floating):
+    raise TypeError(f"W must be a float array, got dtype {W.dtype} (cast it, e.g. "
+                    "W.astype(jnp.float32): Q would be cast back and truncated)")
   N0, N1 = W.shape
   H = jnp.asarray(H)
   if H.shape != (N0, N0):
@@ -240,7 +243,8 @@ def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float 
   if not _all_finite(W):
     raise ValueError("W contains NaN or Inf")
   if not _all_finite(H):
-    raise ValueError("H contains NaN or Inf")
+    raise ValueError("H contains NaN or Inf: X^T X of the layer's inputs overflows float32 "
+                     "(rescale the inputs) or the inputs hold NaN")
   if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
       block_size < 1):
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
@@ -269,6 +273,10 @@ def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float 
       raise ValueError("grid.scale contains NaN or Inf")
     group_of_row = jnp.asarray(grid.group_index(N0))
   else:
+    if isinstance(grid, str) or not (hasattr(grid, "shape") or isinstance(grid, (list, tuple))):
+      raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a 1-D "
+                      f"alphabet, got {type(grid).__name__} {grid!r}; e.g. "
+                      "qjax.grids.GridSpec(4) or qjax.grids.fit(W, spec)")
     levels = jnp.asarray(grid, dtype)
     if levels.ndim != 1 or levels.shape[0] == 0:
       raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a non-empty 1-D "

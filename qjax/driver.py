@@ -689,8 +689,11 @@ class _Lockstep:
     share = spent / len(fetched)
     for i, res in fetched.items():
       rec = self.records[i]
-      self.records[i] = dataclasses.replace(rec, error=_relative_error(res),
-                                            seconds=rec.seconds + share)
+      error = _relative_error(res)
+      if not np.isfinite(error):  # ||XW||^2 or the residual overflowed: the layer is not checked
+        raise ValueError(f"layer {rec.path!r}: its error ||XW - X~Q|| / ||XW|| is {error}: the "
+                         "weights or the layer's inputs are too large for float32; rescale them")
+      self.records[i] = dataclasses.replace(rec, error=error, seconds=rec.seconds + share)
     self.pending.clear()
 
   def frame(self, plan: program_lib.FramePlan, in_f: list, in_q: list) -> tuple[list, list]:
@@ -912,13 +915,22 @@ class _Lockstep:
       if len(chunks) == 1:  # make the data here: the quantizer's clock starts when it is ready
         jax.block_until_ready(list(chunks))
       t0 = time.perf_counter()
-      result = self.quantize_layer(op.name, W, chunks, info)
+      try:
+        result = self.quantize_layer(op.name, W, chunks, info)
+      except ValueError as e:  # the quantizer's own checks know no layer names
+        if repr(op.name) in str(e):
+          raise
+        raise ValueError(f"layer {op.name!r}: {e}") from e
       Q, extras = result if isinstance(result, tuple) else (result, {})
       Q = jax.block_until_ready(Q)
       self.quantizer_seconds += time.perf_counter() - t0
       if getattr(Q, "shape", None) != W.shape:
         raise ValueError(f"layer {op.name!r}: quantize_layer returned shape "
                          f"{getattr(Q, 'shape', None)}, expected W's {W.shape}")
+      if not bool(jnp.isfinite(Q).all()):
+        raise ValueError(f"layer {op.name!r}: the quantized weights contain NaN or Inf (max |W| "
+                         f"= {float(jnp.max(jnp.abs(W))):.3g}): the weights or the layer's "
+                         "inputs are too large for float32; rescale them")
       Q_op = program_lib.matrix_to_weight(Q, layout)
       if Q_op.dtype != W_op.dtype:
         Q_op = Q_op.astype(W_op.dtype)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import zlib
 from typing import Any, Mapping
 
 import jax
@@ -59,6 +60,8 @@ from qjax import views as views_lib
 
 PyTree = Any
 _KINDS = ("grid", "table")
+# Version of the checkpoint layout `save` writes; `restore` refuses any other.
+FORMAT_VERSION = 2
 
 
 def container_bits(bits: int) -> int:
@@ -195,6 +198,37 @@ class Packed:
       return self.grid().dequant(self.codes())
     c = unpack_codes(self.data, self.bits, self.weights).reshape(self.view.shape)
     return views_lib.put(jnp.zeros(self.shape, jnp.float32), self.view, self.grid().dequant(c))
+
+  def check(self, name: str = "kernel") -> None:
+    """Raise ValueError naming the leaf if the codes, bits or scales cannot be this kernel."""
+    where = f"packed leaf {name!r}"
+    if self.kind not in _KINDS:
+      raise ValueError(f"{where}: kind must be one of {_KINDS}, got {self.kind!r}")
+    if not (isinstance(self.bits, int) and 1 <= self.bits <= 8):
+      raise ValueError(f"{where}: bits must be an int in 1..8, got {self.bits!r}")
+    data = np.asarray(self.data)
+    codes = math.prod(self.view.shape) if self.view is not None else self.weights
+    per = 8 // container_bits(self.bits)
+    if data.dtype != np.uint8 or data.shape != (-(-codes // per),):
+      raise ValueError(f"{where}: {codes} codes of {self.bits} bits need "
+                       f"{-(-codes // per)} uint8 bytes, got {data.dtype} of shape {data.shape}")
+    if self.kind == "table":
+      levels = np.asarray(self.levels)
+      if levels.ndim != 1 or not 1 <= levels.size <= 2**self.bits:
+        raise ValueError(f"{where}: a level table of {self.bits}-bit codes has 1..{2**self.bits} "
+                         f"levels, got shape {levels.shape}")
+      if not np.isfinite(levels).all():
+        raise ValueError(f"{where}: level table contains NaN or Inf")
+      return
+    N0, N1 = self.matrix_shape
+    G = 1 if self.group_size is None else -(-N0 // self.group_size)
+    for field in ("scale", "zero"):
+      a = np.asarray(getattr(self, field))
+      if a.shape not in ((G, N1), (1, N1), (1, 1)):
+        raise ValueError(f"{where}: {field} of shape {a.shape} does not fit its ({G}, {N1}) "
+                         f"grid")
+      if not np.isfinite(a).all():
+        raise ValueError(f"{where}: {field} contains NaN or Inf")
 
   def side_arrays(self) -> tuple[np.ndarray, ...]:
     """The float32 arrays stored besides the codes (what the report counts)."""
@@ -411,8 +445,17 @@ def act_rules(packed: PyTree) -> tuple[dict[str, activations.ActSpec], dict[str,
 
 
 def unpack(packed: PyTree) -> PyTree:
-  """The float params back from `pack` output (quantized leaves as float32)."""
-  return jax.tree.map(lambda x: x.unpack() if is_packed(x) else x, packed, is_leaf=is_packed)
+  """The float params back from `pack` output (quantized leaves as float32).
+
+  Raises:
+    ValueError naming the leaf whose codes, bits or scales do not fit its kernel.
+  """
+  def one(path, x):
+    if not is_packed(x):
+      return x
+    x.check(rules.path_name(path))
+    return x.unpack()
+  return jax.tree_util.tree_map_with_path(one, packed, is_leaf=is_packed)
 
 
 def report(packed: PyTree) -> dict[str, Any]:
@@ -423,14 +466,14 @@ def report(packed: PyTree) -> dict[str, Any]:
     storage_bytes, ideal_bytes, float32_bytes, compression, and 'act' (fmt, bits,
     granularity, symmetric, dynamic, scale, zero) when the layer's input is quantized}},
     'weights', 'storage_bytes',
-    'ideal_bytes', 'float_bytes' (unpacked leaves), 'float32_bytes' (every parameter in
+    'ideal_bytes', 'float_bytes' (unpacked leaves, in their own dtypes), 'float32_bytes' (every parameter in
     float32), 'total_bytes' (storage + float), 'compression' (quantized layers).
   """
   layers = {}
   float_bytes = 0
   for name, leaf in _named_leaves(packed):
     if not is_packed(leaf):
-      float_bytes += 4 * int(np.size(leaf))
+      float_bytes += int(np.asarray(leaf).nbytes)  # as stored: bfloat16 is 2 bytes
       continue
     side = sum(a.nbytes for a in leaf.side_arrays())
     code = int(np.asarray(leaf.data).nbytes)
@@ -478,6 +521,7 @@ def _to_state(tree: PyTree) -> Any:
       state["levels"] = np.asarray(tree.levels)
     else:
       state["scale"], state["zero"] = np.asarray(tree.scale), np.asarray(tree.zero)
+    state["check"] = np.asarray([FORMAT_VERSION, _checksum(state)], np.int64)
     return {"__packed__": state}
   if isinstance(tree, Mapping):
     return {str(k): _to_state(v) for k, v in tree.items()}
@@ -487,14 +531,38 @@ def _to_state(tree: PyTree) -> Any:
                   f"{type(tree).__name__}")
 
 
-def _from_state(state: Any) -> PyTree:
+def _checksum(state: Mapping[str, Any]) -> int:
+  """CRC-32 over every array of a packed leaf's state (names, dtypes, shapes and bytes)."""
+  crc = 0
+  for k in sorted(state):
+    if k == "check":
+      continue
+    a = np.ascontiguousarray(state[k])
+    crc = zlib.crc32(f"{k}:{a.dtype.str}:{a.shape};".encode(), crc)
+    crc = zlib.crc32(a.tobytes(), crc)
+  return crc
+
+
+def _from_state(state: Any, name: str = "") -> PyTree:
   if isinstance(state, Mapping) and "__packed__" in state:
-    s = state["__packed__"]
-    kind, bits, group, symmetric, ndim, *rest = (int(v) for v in np.asarray(s["meta"]))
+    s = {k: np.asarray(v) for k, v in state["__packed__"].items()}
+    where = f"packed leaf {name!r}"
+    if "check" not in s or s["check"].shape != (2,):
+      raise ValueError(f"{where}: no format version and checksum (written by an older qjax?)")
+    version, crc = (int(v) for v in s["check"])
+    if version != FORMAT_VERSION:
+      raise ValueError(f"{where}: checkpoint format {version}, this qjax reads "
+                       f"{FORMAT_VERSION}")
+    if crc != _checksum(s):
+      raise ValueError(f"{where}: checksum mismatch: the checkpoint was changed or damaged")
+    kind, bits, group, symmetric, ndim, *rest = (int(v) for v in s["meta"])
     shape, rest = tuple(rest[:ndim]), rest[ndim:]
     view = None
     if rest:
       offset, n0, n1, k, *digits = rest
+      if len(digits) != 2 * k:
+        raise ValueError(f"{where}: metadata of {len(s['meta'])} fields does not match its "
+                         f"view of {k} digits")
       view = views_lib.View((n0, n1), offset, tuple(digits[:k]), tuple(digits[k:2 * k]))
     levels = s.get("levels", np.zeros((1,), np.float32))
     scale = s.get("scale", np.zeros((1, 1), np.float32))
@@ -506,16 +574,24 @@ def _from_state(state: Any) -> PyTree:
                      jnp.asarray(s["act_zero"], jnp.float32).reshape(()), bits=abits,
                      granularity=activations.GRANULARITIES[gran], group_size=agroup or None,
                      symmetric=bool(asym), dynamic=bool(adyn), fmt=activations.FORMATS[fmt])
-    return Packed(jnp.asarray(s["data"]), jnp.asarray(scale), jnp.asarray(zero),
+    if not 0 <= kind < len(_KINDS):
+      raise ValueError(f"{where}: unknown kind index {kind}")
+    leaf = Packed(jnp.asarray(s["data"]), jnp.asarray(scale), jnp.asarray(zero),
                   jnp.asarray(levels), shape=shape, kind=_KINDS[kind], bits=bits,
                   group_size=group or None, symmetric=bool(symmetric), view=view, act=act)
+    leaf.check(name)
+    return leaf
   if isinstance(state, Mapping):
-    return {k: _from_state(v) for k, v in state.items()}
+    return {k: _from_state(v, f"{name}/{k}" if name else k) for k, v in state.items()}
   return jnp.asarray(state)
 
 
 def save(path: str | os.PathLike, packed: PyTree, *, compress: bool = False) -> int:
   """Write `pack` output to a new orbax checkpoint directory; returns its bytes on disk.
+
+  Each packed leaf carries the format version and a CRC-32 of its arrays, which `restore`
+  checks. Orbax writes to `<path>.orbax-checkpoint-tmp*` and renames when done: a save that
+  fails removes it, and a save of `path` also removes any left by a killed earlier save.
 
   Without `compress` the arrays are stored raw, so the bytes on disk are `report`'s
   `total_bytes` plus orbax's metadata (a few KiB); with it orbax's zstd shrinks what compresses
@@ -523,9 +599,27 @@ def save(path: str | os.PathLike, packed: PyTree, *, compress: bool = False) -> 
   """
   import orbax.checkpoint as ocp  # imported here: only export needs it
   path = os.path.abspath(os.fspath(path))
+  state = _to_state(packed)
+  _remove_partial_saves(path)  # left by an earlier save of `path` that was killed
   checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(use_compression=compress))
-  checkpointer.save(path, args=ocp.args.PyTreeSave(_to_state(packed)))
+  try:
+    checkpointer.save(path, args=ocp.args.PyTreeSave(state))
+  except BaseException:
+    _remove_partial_saves(path)
+    raise
   return disk_bytes(path)
+
+
+def _remove_partial_saves(path: str) -> None:
+  """Delete orbax's temporary directories of `path` (`<path>.orbax-checkpoint-tmp*`)."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  parent, base = os.path.split(path)
+  if not os.path.isdir(parent):
+    return
+  for name in os.listdir(parent):
+    if name.startswith(base + ".orbax-checkpoint-tmp"):
+      print(f"export.save: removing {os.path.join(parent, name)}, left by an interrupted save")
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def restore(path: str | os.PathLike) -> PyTree:

@@ -304,7 +304,8 @@ def _scale_zero(lo: jax.Array, hi: jax.Array, bits: int, symmetric: bool):
     if bits == 1:
       return 2.0 * a, jnp.full_like(a, 0.5)
     return a * _recip(2 ** (bits - 1) - 1), jnp.full_like(a, 2 ** (bits - 1))
-  scale = (hi - lo) * _recip(maxq)
+  span = hi - lo  # overflows near float32's max: then scale each end first
+  scale = jnp.where(jnp.isfinite(span), span * _recip(maxq), hi * _recip(maxq) - lo * _recip(maxq))
   safe = jnp.where(scale > 0, scale, jnp.ones_like(scale))
   zero = jnp.where(scale > 0, jnp.clip(jnp.round(-lo / safe), 0, maxq), jnp.zeros_like(scale))
   return scale, zero

@@ -8,12 +8,14 @@ modules in `qjax.experiments`, never the reverse. Results are merged per method 
 """
 from __future__ import annotations
 
+import ast
 import importlib
 import importlib.util
 import os
 
 import ml_collections
 
+from qjax import files
 from qjax.experiments import results
 
 # task -> (module, run function, plot function or None, plot file name).
@@ -85,6 +87,34 @@ def check_overrides(config: ml_collections.ConfigDict, argv: list[str]) -> None:
       node = node[part]
 
 
+def expand_lists(config: ml_collections.ConfigDict, argv: list[str]) -> list[str]:
+  """`argv` with `--config.K=a,b` on a tuple-valued K spelled as a tuple literal ('a', 'b').
+
+  Items are Python literals where they parse (`--config.bits=4,3`), else strings
+  (`--config.methods=rtn,gptq-act`); values already in tuple or list syntax are kept.
+  """
+  out = []
+  for arg in argv:
+    if arg.startswith("--config.") and "=" in arg:
+      key, value = arg[len("--config."):].split("=", 1)
+      node = config
+      for part in key.split("."):
+        node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+      if isinstance(node, tuple) and not value.strip().startswith(("(", "[")):
+        items = tuple(_literal(v.strip()) for v in value.split(",") if v.strip())
+        arg = f"--config.{key}={items!r}"
+    out.append(arg)
+  return out
+
+
+def _literal(text: str):
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+  return value if isinstance(value, (int, float, str, bool)) else text
+
+
 def config_keys(config: ml_collections.ConfigDict, prefix: str = "config") -> list[str]:
   """'config.a.b = value' lines for every leaf key: what `--config.a.b=...` can override."""
   lines = []
@@ -101,16 +131,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   """Run the config's task; print and write the merged table, JSON and plot; return the rows."""
   validate_config(config)
   os.makedirs(workdir, exist_ok=True)
+  results_path = os.path.join(workdir, "results.json")
+  results.check(results_path)
   module_name, run_name, plot_name, plot_file = TASKS[task_of(config)]
   module = importlib.import_module(module_name)
   out = getattr(module, run_name)(config, workdir)
   runs, key = out if isinstance(out, tuple) else ({"rows": out}, "")
   order = getattr(module, "ORDER", ())
-  rows = results.save(os.path.join(workdir, "results.json"), key, config.to_dict(), runs, order)
+  rows = results.save(results_path, key, config.to_dict(), runs, order)
   table = results.format_table(rows)
   print(table)
-  with open(os.path.join(workdir, "results.txt"), "w") as f:
-    f.write(table + "\n")
+  files.atomic_write(os.path.join(workdir, "results.txt"), table + "\n")
   written = ["results.json", "results.txt"]
   if plot_name and hasattr(module, plot_name):
     getattr(module, plot_name)(rows, os.path.join(workdir, plot_file))
@@ -119,4 +150,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> list[dict]:
   return rows
 
 
-__all__ = ["TASKS", "run", "validate_config", "load_config", "check_overrides", "config_keys"]
+__all__ = ["TASKS", "run", "validate_config", "load_config", "check_overrides", "config_keys",
+           "expand_lists"]

@@ -21,6 +21,7 @@ Typical use::
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -147,6 +148,12 @@ def scale_by_position(targets: TargetFn, *, normalized: bool = True, eps: float 
     <https://arxiv.org/abs/2005.11035>`_, NeurIPS 2020 (the scaled gradient; the normalized form
     from the authors' rebuttal).
   """
+  # eps = 0 makes s = 0/0 on a tensor whose weights all sit on targets.
+  for name, value in (("eps", eps), ("lambda_s", lambda_s)):
+    if isinstance(value, jax.core.Tracer):
+      continue  # a traced hyperparameter (inject_hyperparams under jit): checked by its caller
+    if not (math.isfinite(float(value)) and float(value) > 0):
+      raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
   def init_fn(params: PyTree) -> optax.EmptyState:
     _bind(targets, params)  # eager check of the bits rules against the layers
@@ -213,6 +220,9 @@ def psgd(learning_rate: optax.ScalarOrSchedule, bits: BitsSpec | None = None, *,
   """
   if (bits is None) == (targets is None):
     raise ValueError("psgd needs exactly one of `bits` (uniform grid) and `targets`")
+  if not callable(learning_rate) and not isinstance(learning_rate, jax.core.Tracer) and (
+      not math.isfinite(float(learning_rate))):
+    raise ValueError(f"learning_rate must be finite, got {learning_rate}")
   if targets is None:
     targets = uniform_targets(bits)
   scaling = scale_by_position(targets, normalized=normalized, eps=eps, lambda_s=lambda_s)

@@ -217,7 +217,7 @@ def train_bytelm(config: ml_collections.ConfigDict | None = None, workdir: str |
     workdir: cache directory, or None for no caching.
     progress: print the loss every 100 steps.
   """
-  import flax.serialization  # pylint: disable=g-import-not-at-top
+  from qjax import train as train_lib  # pylint: disable=g-import-not-at-top
   cfg = bytelm_config()
   if config is not None:
     unknown = set(config.keys()) - set(cfg.keys())
@@ -233,10 +233,9 @@ def train_bytelm(config: ml_collections.ConfigDict | None = None, workdir: str |
   if workdir is not None:
     os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, f"bytelm_{bytelm_config_hash(cfg)}.msgpack")
-    if os.path.exists(path):
-      with open(path, "rb") as f:
-        params = flax.serialization.from_bytes(params, f.read())
-      return TrainedByteLM(model, params, cfg, [], 0.0)
+    cached = train_lib.restore_cached(path, params)
+    if cached is not None:
+      return TrainedByteLM(model, cached, cfg, [], 0.0)
 
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                 max(cfg.steps, cfg.warmup_steps + 1))
@@ -266,6 +265,5 @@ def train_bytelm(config: ml_collections.ConfigDict | None = None, workdir: str |
             f"({time.perf_counter() - start:.0f} s)")
   seconds = time.perf_counter() - start
   if path is not None:
-    with open(path, "wb") as f:
-      f.write(flax.serialization.to_bytes(params))
+    train_lib.save_variables(path, params)
   return TrainedByteLM(model, params, cfg, losses, seconds)

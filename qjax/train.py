@@ -19,6 +19,7 @@ from flax.training import train_state
 from tqdm.auto import tqdm
 
 from qjax import data as data_lib
+from qjax import files
 
 PyTree = Any
 
@@ -112,13 +113,31 @@ def evaluate(apply_fn, variables: PyTree, x: np.ndarray, y: np.ndarray, *,
 
 
 def save_variables(path: str, variables: PyTree) -> None:
-  """Write variables as msgpack (flax.serialization); creates the directory."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "wb") as f:
-    f.write(flax.serialization.to_bytes(jax.device_get(variables)))
+  """Write variables as msgpack (flax.serialization), atomically; creates the directory."""
+  files.atomic_write(path, flax.serialization.to_bytes(jax.device_get(variables)))
 
 
 def restore_variables(path: str, target: PyTree) -> PyTree:
-  """Read variables written by `save_variables` into the structure of `target`."""
+  """Read variables written by `save_variables` into the structure of `target`.
+
+  Raises:
+    ValueError naming the file if it does not hold variables of `target`'s structure.
+  """
   with open(path, "rb") as f:
-    return flax.serialization.from_bytes(target, f.read())
+    data = f.read()
+  try:
+    return flax.serialization.from_bytes(target, data)
+  except Exception as e:  # msgpack and flax raise several types for damaged or foreign files
+    raise ValueError(f"{path}: not a variables file of this model ({type(e).__name__}: {e})"
+                     ) from None
+
+
+def restore_cached(path: str, target: PyTree) -> PyTree | None:
+  """`restore_variables`, or None (the damaged cache set aside, with a warning) if it fails."""
+  if not os.path.exists(path):
+    return None
+  try:
+    return restore_variables(path, target)
+  except ValueError as e:
+    files.set_aside(path, f"does not load ({e}); retraining")
+    return None

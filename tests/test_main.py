@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from qjax import main
@@ -15,7 +16,9 @@ CONFIG = os.path.join(ROOT, "configs", "mnist_lenet5.py")
 
 @pytest.fixture
 def config():
-  return main.load_config(CONFIG)
+  config = main.load_config(CONFIG)
+  config.seeds = (0,)
+  return config
 
 
 @pytest.mark.parametrize("key,value,error,match", [
@@ -112,6 +115,22 @@ def test_one_short_run_writes_table_json_and_plot(config, tmp_path):
   assert again[0]["accuracy"] == float_acc
 
 
+def test_rows_over_seeds_are_the_mean_of_single_seed_runs(config, tmp_path):
+  config.epochs = 1
+  config.bits = (4,)
+  config.methods = ("rtn",)
+  single = []
+  for seed in (0, 1):
+    config.seeds = (seed,)
+    single.append(main.run(config, str(tmp_path / str(seed))))
+  config.seeds = (0, 1)
+  rows = main.run(config, str(tmp_path / "both"))
+  for i, row in enumerate(rows):
+    accs = [s[i]["accuracy"] for s in single]
+    assert row["seeds"] == 2 and row["accuracy"] == pytest.approx(np.mean(accs), abs=1e-3)
+    assert row["acc_std"] == pytest.approx(np.std(accs, ddof=1), abs=0.01)
+
+
 def test_partial_run_keeps_other_methods_rows(config, tmp_path):
   config.epochs = 1
   config.bits = (8,)
@@ -131,7 +150,7 @@ def test_partial_run_keeps_other_methods_rows(config, tmp_path):
   assert [(r["method"], r["bits"]) for r in rows] == [
       ("float", 32), ("rtn", 8), ("gpfq", 3), ("alq", 0.5)]
   # Another float recipe: the old rows belong to another model and are dropped.
-  config.seed = 1
+  config.seeds = (1,)
   rows = run(("rtn",))
   assert [r["method"] for r in rows] == ["float", "rtn"]
 

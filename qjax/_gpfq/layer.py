@@ -38,6 +38,9 @@ def _check_W(W: Any) -> None:
   if getattr(W, "ndim", None) != 2 or W.size == 0:
     raise ValueError(f"W must be a non-empty 2-D (N0, N1) array, got shape "
                      f"{getattr(W, 'shape', None)}")
+  if not jnp.issubdtype(W.dtype, jnp.floating):
+    raise TypeError(f"W must be a float array, got dtype {W.dtype} (cast it, e.g. "
+                    "W.astype(jnp.float32): Q would be cast back and truncated)")
   if not _all_finite(W):
     raise ValueError("W contains NaN or Inf")
 
@@ -87,6 +90,10 @@ def _check_pair(N0: int, x: Any, xt: Any, where: str = "") -> None:
                        f"{getattr(a, 'shape', None)}")
     if not _all_finite(a):
       raise ValueError(f"{name}{where} contains NaN or Inf")
+    if not _all_finite(jnp.sum(jnp.square(jnp.asarray(a, jnp.float32)))):
+      raise ValueError(f"{name}{where} is too large for float32: its Gram {name}^T {name} "
+                       f"overflows (max |{name}| = {float(jnp.max(jnp.abs(a))):.3g}); rescale "
+                       "the inputs")
   if x.shape != xt.shape:
     raise ValueError(f"X{where} and X_tilde{where} must have the same shape, got {x.shape} and "
                      f"{xt.shape}")
@@ -177,6 +184,12 @@ def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any)
                        "and lambda_ must be left at their defaults (build it with "
                        "qjax.grids.rounder(..., quantizer=..., key=..., lambda_=...))")
     return levels
+  if isinstance(levels, grids.GridSpec):
+    raise TypeError("levels is a GridSpec (a recipe, not fitted): pass a Grid, "
+                    "qjax.grids.fit(W, spec), or a 1-D alphabet")
+  if isinstance(levels, str):
+    raise TypeError(f"levels must be a qjax.grids.Grid, a 1-D alphabet or a rounder, got the "
+                    f"string {levels!r}; use qjax.grids.fit(W, spec)")
   if isinstance(levels, grids.Grid):
     _check_W(W)
     levels.check_fits(W.shape)
@@ -288,6 +301,10 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
                                       data_axis=data_axis, model_axis=model_axis,
                                       block_size=B, dtype=dtype)
   Q = kernels.run(W, X, X_tilde, rounder, method, B, same, dtype)
+  if not _all_finite(Q):
+    raise ValueError(f"GPFQ's result contains NaN or Inf: W (max |W| = "
+                     f"{float(jnp.max(jnp.abs(W))):.3g}) times the inputs overflows float32; "
+                     "rescale the weights or the inputs")
   return Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
 
 

@@ -74,6 +74,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if config.model not in models.MODELS:
     raise ValueError(f"config.model: unknown model {config.model!r}; "
                      f"choose one of {sorted(models.MODELS)}")
+  seeds = config.get("seeds") or ()
+  if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or (
+      len(set(seeds)) != len(seeds)):
+    raise ValueError(f"config.seeds must be distinct ints, got {seeds!r}")
+  for key in ("batch_size", "epochs"):
+    low = 1 if key == "batch_size" else 0
+    if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < low:
+      raise ValueError(f"config.{key} must be an int >= {low}, got {config[key]!r}")
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   for m in config.methods:
@@ -101,13 +109,22 @@ def float_model(config, model, splits, key, workdir) -> dict:
   tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
                    optax.sgd(schedule, momentum=config.momentum))
   state = train_lib.create_train_state(model, key, splits["train"][0], tx)
-  if os.path.exists(path):
-    print(f"restoring float model from {path}")
-    return train_lib.restore_variables(path, train_lib.state_variables(state))
+  cached = train_lib.restore_cached(path, train_lib.state_variables(state))
+  if cached is not None:
+    print(f"restored float model from {path}")
+    return cached
   state, _ = train_lib.fit(state, *splits["train"], epochs=config.epochs,
                            batch_size=config.batch_size, seed=config.seed,
                            augment_shift=config.augment_shift, desc="float")
   variables = train_lib.state_variables(state)
+  x, y = splits["val"] if splits["val"][0].shape[0] else splits["test"]
+  accuracy = train_lib.evaluate(model.apply, variables, x, y)
+  floor = 2 * 100.0 / config.num_classes
+  if not accuracy >= floor:  # also catches NaN
+    raise ValueError(f"the float {config.model} reached {accuracy:.1f}% on held-out digits, "
+                     f"below twice chance ({floor:.0f}%): training failed (check "
+                     f"config.learning_rate = {config.learning_rate}, config.epochs); not "
+                     "cached, no rows written")
   train_lib.save_variables(path, variables)
   return variables
 
@@ -124,7 +141,7 @@ def rtn_rows(ctx: Context) -> list[dict]:
   return rows
 
 
-def run(config: ml_collections.ConfigDict, workdir: str,
+def _run_one(config: ml_collections.ConfigDict, workdir: str,
         methods: dict[str, Callable[[Context], list[dict]]] | None = None
         ) -> tuple[dict[str, list[dict]], str]:
   """Train or restore the float model and run every configured method.
@@ -154,6 +171,25 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     runs[name] = fn(ctx)
     print(f"{name}: {time.perf_counter() - start:.1f} s")
   return runs, train_config_hash(config)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        methods: dict[str, Callable[[Context], list[dict]]] | None = None
+        ) -> tuple[dict[str, list[dict]], str]:
+  """Every configured method's rows; over `config.seeds` (each a float model and a calibration
+  draw): the rows' mean, with `acc_std` (sample std of accuracy) and `seeds` columns."""
+  seeds = tuple(config.get("seeds") or (config.seed,))
+  if len(seeds) == 1:
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed = seeds[0]
+    return _run_one(one, workdir, methods)
+  per_seed = []
+  for seed in seeds:
+    print(f"--- seed {seed} ({len(per_seed) + 1} of {len(seeds)})")
+    one = ml_collections.ConfigDict(config.to_dict())
+    one.seed, one.seeds = seed, (seed,)
+    per_seed.append(_run_one(one, workdir, methods)[0])
+  return results.aggregate(per_seed), train_config_hash(config) + "-" + "-".join(map(str, seeds))
 
 
 def plot(rows: list[dict], path: str) -> None:

@@ -13,6 +13,8 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from qjax import files
+
 _FIRST_COLUMNS = ("method", "bits", "accuracy", "drop", "seconds")
 
 
@@ -26,6 +28,40 @@ def accuracy_row(method: str, bits: float, accuracy: float, float_accuracy: floa
   """A classifier's row: top-1 `accuracy` and its `drop` below float, in points."""
   return row(method, bits, seconds, accuracy=round(float(accuracy), 2),
              drop=round(float(float_accuracy) - float(accuracy), 2), **extra)
+
+
+def aggregate(per_seed: Sequence[dict[str, list[dict]]]) -> dict[str, list[dict]]:
+  """Rows over seeds ({method run: rows} per seed, same rows in the same order): numeric
+  columns become their mean, `acc_std` is the sample std of `accuracy`, `seeds` their count.
+
+  Raises:
+    ValueError if the seeds' runs differ in method runs, row counts or text columns.
+  """
+  first = per_seed[0]
+  out = {}
+  for name, rows in first.items():
+    if any(len(runs.get(name, ())) != len(rows) for runs in per_seed):
+      raise ValueError(f"method run {name!r} has different row counts over the seeds")
+    out[name] = []
+    for i, r in enumerate(rows):
+      group = [runs[name][i] for runs in per_seed]
+      row_out = {}
+      for k, v in r.items():
+        values = [g.get(k) for g in group]
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and all(
+            isinstance(x, (int, float)) for x in values):
+          mean = float(np.mean(values))
+          row_out[k] = v if all(x == v for x in values) else round(mean, 4)
+        elif any(x != v for x in values):
+          raise ValueError(f"method run {name!r} row {i}: column {k!r} differs over the seeds "
+                           f"({values})")
+        else:
+          row_out[k] = v
+      if "accuracy" in r:
+        row_out["acc_std"] = round(float(np.std([g["accuracy"] for g in group], ddof=1)), 2)
+      row_out["seeds"] = len(group)
+      out[name].append(row_out)
+  return out
 
 
 def format_table(rows: Sequence[dict]) -> str:
@@ -96,12 +132,38 @@ def plot_accuracy(rows: Sequence[dict], float_accuracy: float, path: str) -> Non
   plt.close(fig)
 
 
-def load_runs(path: str, key: str) -> dict[str, list[dict]]:
-  """The saved rows per method run of `path`, if it was written for the same `key`."""
+def check(path: str) -> None:
+  """Set aside (never overwrite) a results file that is not valid JSON, naming it.
+
+  Called before an experiment starts, so a damaged file costs no run and loses no rows.
+  """
+  with files.locked(path):
+    try:
+      _read(path)
+    except ValueError as e:
+      files.set_aside(path, f"is not a valid results file ({e})")
+
+
+def _read(path: str) -> dict:
   if not os.path.exists(path):
     return {}
   with open(path) as f:
-    saved = json.load(f)
+    try:
+      saved = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: {e}") from None
+  if not isinstance(saved, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(saved).__name__}")
+  return saved
+
+
+def load_runs(path: str, key: str) -> dict[str, list[dict]]:
+  """The saved rows per method run of `path`, if it was written for the same `key`.
+
+  Raises:
+    ValueError naming the file if it is not valid JSON.
+  """
+  saved = _read(path)
   if saved.get("key") != key:
     return {}
   return saved.get("runs", {})
@@ -113,14 +175,23 @@ def save(path: str, key: str, config: dict, runs: dict[str, list[dict]],
 
   Rows saved earlier for the same `key` (e.g. a hash of the float model's recipe) and for method
   runs not in `runs` are kept; a different key starts afresh. Rows come out in `order` of the
-  method runs, then any others.
+  method runs, then any others. The read-merge-write holds a lock on the file, and the write is
+  atomic: concurrent runs keep each other's rows, and a crash or full disk leaves the old file.
+  A file damaged meanwhile is set aside (with a warning naming it), never overwritten.
   """
-  merged = {**load_runs(path, key), **runs}
-  names = [n for n in order if n in merged] + [n for n in merged if n not in order]
-  merged = {n: merged[n] for n in names}
-  with open(path, "w") as f:
-    json.dump({"key": key, "config": config, "runs": merged,
-               "rows": [r for n in names for r in merged[n]]}, f, indent=1, default=jsonable)
+  with files.locked(path):
+    try:
+      previous = load_runs(path, key)
+    except ValueError as e:
+      files.set_aside(path, f"is not a valid results file ({e})")
+      previous = {}
+    merged = {**previous, **runs}
+    names = [n for n in order if n in merged] + [n for n in merged if n not in order]
+    merged = {n: merged[n] for n in names}
+    text = json.dumps({"key": key, "config": config, "runs": merged,
+                       "rows": [r for n in names for r in merged[n]]}, indent=1,
+                      default=jsonable)
+    files.atomic_write(path, text)
   return [r for n in names for r in merged[n]]
 
 
