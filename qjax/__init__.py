@@ -11,7 +11,8 @@ from qjax import views
 from qjax import mesh
 from qjax.grids import quantize_rtn
 from qjax._gptq import gptq, gptq_layer
-from qjax.activations import ActSpec, calibrate_activations, with_activation_quant
+from qjax.activations import ActSpec, with_activation_quant
+from qjax.calibration import calibrate_activations
 from qjax._qronos import qronos, qronos_layer
 
 __version__ = "0.1.0"

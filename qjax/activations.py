@@ -17,7 +17,7 @@ round(X / s) + z, lo, hi) - z). `ActSpec` says how s (and the zero point z) are 
 * 'int' levels or float8 'e4m3' (s = max|x| / 448, x / s cast to float8_e4m3fn and back).
 
 `with_activation_quant(apply_fn, act, scales)` rewrites the traced program (the same weight ops
-the quantizers see, so every model the driver handles, jitted or not); `calibrate_activations`
+the quantizers see, so every model the driver handles, jitted or not); `qjax.calibrate_activations`
 computes the static scales by layer name on the float network's inputs. `qjax.gptq` / `qjax.gpfq`
 take `act=` so the quantized stream feeds each layer fake-quantized inputs X^~ (GPTQ's H =
 X^~T X^~), with static scales calibrated on that stream in the same pass.
@@ -54,7 +54,7 @@ class ActSpec:
     group_size: features per group (granularity='group' only).
     symmetric: levels symmetric about 0 (else with a zero point).
     dynamic: range from the tensor at run time (min-max); False: static per-tensor scales from
-      `calibrate_activations` (or from the calibration pass of `qjax.gptq(..., act=)`).
+      `qjax.calibrate_activations` (or from the calibration pass of `qjax.gptq(..., act=)`).
     method: static calibration: 'max' (min-max), 'percentile' or 'mse'.
     percentile: in (0, 100], for method='percentile'.
     fmt: 'int' or 'e4m3' (float8, symmetric).
@@ -315,7 +315,8 @@ def _scan(eqn, plans: list, invals: list, hook: Hook) -> list:
   return carry + [jnp.stack(y) for y in ys]
 
 
-def _run(program: program_lib.Program, params: PyTree, batch: PyTree, hook: Hook) -> PyTree:
+def run_with_hook(program: program_lib.Program, params: PyTree, batch: PyTree,
+                  hook: Hook) -> PyTree:
   flat = jax.tree_util.tree_leaves((params, batch))
   outs = evaluate(program.plan, flat, hook)
   return jax.tree_util.tree_unflatten(program.out_tree, outs)
@@ -340,7 +341,7 @@ def with_activation_quant(apply_fn: Callable, act: Any, scales: Mapping[str, Any
       `model.apply`, an NNX merge, a plain or jitted function).
     act: an `ActSpec` for every weight op, or {regex: ActSpec or None} rules on the layer names
       (`qjax.rules`; a layer no pattern matches stays float).
-    scales: static scales by layer name ({name: {'scale', 'zero'}}, `calibrate_activations`),
+    scales: static scales by layer name ({name: {'scale', 'zero'}}, `qjax.calibrate_activations`),
       needed by every layer with a static spec.
 
   Returns:
@@ -367,45 +368,6 @@ def with_activation_quant(apply_fn: Callable, act: Any, scales: Mapping[str, Any
                         None if sz is None else sz["scale"],
                         None if sz is None else sz.get("zero"), name=keys[op.index])
 
-    return _run(program, params, batch, hook)
+    return run_with_hook(program, params, batch, hook)
 
   return fn
-
-
-def calibrate_activations(params: PyTree, apply_fn: Callable, batch: Any, act: Any, *,
-                          apply_kwargs: Mapping[str, Any] | None = None
-                          ) -> dict[str, dict[str, jax.Array]]:
-  """Static activation scales: {layer name: {'scale': f32[], 'zero': f32[]}} for every weight op
-  whose spec is static, from its input in the float network over all calibration batches
-  (min-max, percentile or MSE per the spec). A pytree: save it, pass it to
-  `with_activation_quant(..., scales=)` or to `qjax.export.pack(..., act=)`.
-
-  Args:
-    params, apply_fn, batch: as `qjax.gptq` (batch: one batch or a list of batches).
-    act: an ActSpec or {regex: ActSpec or None} rules.
-    apply_kwargs: keyword arguments of apply_fn.
-  """
-  from qjax import driver  # the batch checks; the driver does not import this module's callers
-  rules.check(act, "act", check_act)
-  prep = driver.prepare(params, apply_fn, batch, apply_kwargs)
-  program = prep.program
-  specs = {i: s for i, s in resolve(act, program).items() if not s.dynamic}
-  keys = op_keys(program)
-
-  @jax.jit
-  def capture(params, batch):
-    seen = {}
-
-    def hook(op, x):
-      if op.index in specs:
-        seen[op.index] = x
-      return x
-
-    _run(program, params, batch, hook)
-    return seen
-
-  captured: dict[int, list] = {i: [] for i in specs}
-  for b in prep.batches:
-    for i, x in capture(prep.params, b).items():
-      captured[i].append(x)
-  return {keys[i]: static_scale(specs[i], captured[i]) for i in specs}
