@@ -52,6 +52,8 @@ def aggregate(per_seed: Sequence[dict[str, list[dict]]]) -> dict[str, list[dict]
             isinstance(x, (int, float)) for x in values):
           mean = float(np.mean(values))
           row_out[k] = v if all(x == v for x in values) else round(mean, 4)
+        elif any(x != v for x in values) and isinstance(v, (dict, list)):
+          continue  # per-layer detail (e.g. each layer's error) is per seed: not averaged
         elif any(x != v for x in values):
           raise ValueError(f"method run {name!r} row {i}: column {k!r} differs over the seeds "
                            f"({values})")
