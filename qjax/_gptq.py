@@ -43,7 +43,7 @@ factor of H (one Cholesky and one triangular inverse) instead of Cholesky, inver
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -250,57 +250,78 @@ def gptq_layer(W: Any, H: Any, grid: Any, *, block_size: int = 128, damp: float 
     raise ValueError(f"block_size must be a positive int, got {block_size!r}")
   if not isinstance(damp, jax.core.Tracer) and not (np.isfinite(damp) and damp >= 0):
     raise ValueError(f"damp must be finite and >= 0, got {damp}")
-  dynamic = False
-  G = 1
-  levels = jnp.zeros((1,), dtype)
-  spec = None
-  if isinstance(grid, grids_lib.GridSpec):
-    mode, spec, maxq = "spec", grid, grid.maxq
-    G = grid.num_groups(N0)
-    # One group (g >= N0) is fitted at t = 0, before any update: the same as static.
-    dynamic = grid.group_size is not None and grid.group_size < N0 and not static_groups
-    if dynamic and act_order:
-      raise ValueError("act_order with a group grid needs static_groups=True: dynamic groups "
-                       "would follow the permuted order, so Q would not lie on a grid of "
-                       "consecutive inputs")
-    scale = zero = jnp.zeros((G, N1), jnp.float32)
-    group_of_row = jnp.asarray(np.arange(N0) // (grid.group_size or N0), jnp.int32)
-  elif isinstance(grid, grids_lib.Grid):
-    grid.check_fits(W.shape)
-    mode, maxq = "grid", grid.maxq
-    scale, zero = grid.scale, grid.zero
-    if not _all_finite(scale):
-      raise ValueError("grid.scale contains NaN or Inf")
-    group_of_row = jnp.asarray(grid.group_index(N0))
-  else:
-    if isinstance(grid, str) or not (hasattr(grid, "shape") or isinstance(grid, (list, tuple))):
-      raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a 1-D "
-                      f"alphabet, got {type(grid).__name__} {grid!r}; e.g. "
-                      "qjax.grids.GridSpec(4) or qjax.grids.fit(W, spec)")
-    levels = jnp.asarray(grid, dtype)
-    if levels.ndim != 1 or levels.shape[0] == 0:
-      raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a non-empty 1-D "
-                      f"alphabet, got shape {levels.shape}")
-    if not _all_finite(levels):
-      raise ValueError("grid (alphabet) contains NaN or Inf")
-    levels = jnp.sort(levels)
-    mode, maxq = "levels", 0
-    scale = zero = jnp.zeros((1, N1), jnp.float32)
-    group_of_row = jnp.zeros((N0,), jnp.int32)
+  ops = grid_operands(grid, W.shape, dtype)
+  mode, spec, maxq, scale, zero, group_of_row, levels = ops
+  # One group (g >= N0) is fitted at t = 0, before any update: the same as static.
+  dynamic = (mode == "spec" and spec.group_size is not None and spec.group_size < N0
+             and not static_groups)
+  if dynamic and act_order:
+    raise ValueError("act_order with a group grid needs static_groups=True: dynamic groups "
+                     "would follow the permuted order, so Q would not lie on a grid of "
+                     "consecutive inputs")
   Q, scale, zero, finite = _gptq(
       W.astype(dtype), H.astype(dtype), scale, zero, group_of_row, levels,
       jnp.asarray(damp, dtype), mode=mode, spec=spec, maxq=maxq, block_size=int(block_size),
       act_order=bool(act_order), dynamic=dynamic)
   if not isinstance(finite, jax.core.Tracer) and not bool(finite):
     raise ValueError("H is not positive definite after damping (Cholesky failed); raise damp")
-  Q = Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
+  return with_grid(Q.astype(jax.dtypes.canonicalize_dtype(W.dtype)), grid, ops._replace(
+      scale=scale, zero=zero), return_grid)
+
+
+class GridOperands(NamedTuple):
+  """What the column loop rounds onto (`grid_operands`); mode 'spec' fits scale and zero in the
+  loop, 'grid' uses the given ones, 'levels' rounds to the nearest of `levels`."""
+  mode: str
+  spec: grids_lib.GridSpec | None
+  maxq: int
+  scale: jax.Array
+  zero: jax.Array
+  group_of_row: jax.Array
+  levels: jax.Array
+
+
+def grid_operands(grid: Any, shape: tuple[int, int], dtype: Any) -> GridOperands:
+  """Checked operands of `grid` (a GridSpec, a fitted Grid or a 1-D alphabet) for an (N0, N1)
+  kernel; placeholders where a mode does not use them."""
+  N0, N1 = shape
+  levels = jnp.zeros((1,), dtype)
+  if isinstance(grid, grids_lib.GridSpec):
+    scale = zero = jnp.zeros((grid.num_groups(N0), N1), jnp.float32)
+    group_of_row = jnp.asarray(np.arange(N0) // (grid.group_size or N0), jnp.int32)
+    return GridOperands("spec", grid, grid.maxq, scale, zero, group_of_row, levels)
+  if isinstance(grid, grids_lib.Grid):
+    grid.check_fits(shape)
+    if not _all_finite(grid.scale):
+      raise ValueError("grid.scale contains NaN or Inf")
+    return GridOperands("grid", None, grid.maxq, grid.scale, grid.zero,
+                        jnp.asarray(grid.group_index(N0)), levels)
+  if isinstance(grid, str) or not (hasattr(grid, "shape") or isinstance(grid, (list, tuple))):
+    raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a 1-D "
+                    f"alphabet, got {type(grid).__name__} {grid!r}; e.g. "
+                    "qjax.grids.GridSpec(4) or qjax.grids.fit(W, spec)")
+  levels = jnp.asarray(grid, dtype)
+  if levels.ndim != 1 or levels.shape[0] == 0:
+    raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a non-empty 1-D "
+                    f"alphabet, got shape {levels.shape}")
+  if not _all_finite(levels):
+    raise ValueError("grid (alphabet) contains NaN or Inf")
+  scale = zero = jnp.zeros((1, N1), jnp.float32)
+  return GridOperands("levels", None, 0, scale, zero, jnp.zeros((N0,), jnp.int32),
+                      jnp.sort(levels))
+
+
+def with_grid(Q: jax.Array, grid: Any, ops: GridOperands, return_grid: bool):
+  """Q, or (Q, the grid Q lies on) with return_grid: the given Grid, the one fitted from a
+  GridSpec (ops' scale and zero from the loop), None for an alphabet."""
   if not return_grid:
     return Q
-  if mode == "levels":
+  if ops.mode == "levels":
     return Q, None
-  if mode == "grid":
+  if ops.mode == "grid":
     return Q, grid
-  return Q, grids_lib.Grid(scale, zero, bits=spec.bits, symmetric=spec.symmetric,
+  spec = ops.spec
+  return Q, grids_lib.Grid(ops.scale, ops.zero, bits=spec.bits, symmetric=spec.symmetric,
                            group_size=spec.group_size, per_tensor=spec.granularity == "tensor")
 
 

@@ -37,7 +37,7 @@ from qjax import grids as grids_lib
 from qjax import views as views_lib
 from qjax._gpfq import kernels
 from qjax._gpfq import layer as gpfq_layer_lib
-from qjax._gptq import _HIGHEST, column_loop, inverse_cholesky_upper
+from qjax._gptq import _HIGHEST, column_loop, grid_operands, inverse_cholesky_upper, with_grid
 
 DampRule = Literal["mean", "max_eig"]
 
@@ -144,48 +144,21 @@ def qronos_layer(W: Any, X: Any, X_tilde: Any, grid: Any, *, damp: float = 0.01,
     if isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or (
         block_size < 1):
       raise ValueError(f"block_size must be a positive int, got {block_size!r}")
-    N0, N1 = W.shape
-    levels = jnp.zeros((1,), dtype)
-    spec = None
-    if isinstance(grid, grids_lib.GridSpec):
-      mode, spec, maxq = "spec", grid, grid.maxq
-      scale = zero = jnp.zeros((grid.num_groups(N0), N1), jnp.float32)
-      group_of_row = jnp.asarray(np.arange(N0) // (grid.group_size or N0), jnp.int32)
-    elif isinstance(grid, grids_lib.Grid):
-      grid.check_fits(W.shape)
-      mode, maxq, scale, zero = "grid", grid.maxq, grid.scale, grid.zero
-      group_of_row = jnp.asarray(grid.group_index(N0))
-    else:
-      levels = jnp.asarray(grid, dtype)
-      if levels.ndim != 1 or levels.shape[0] == 0:
-        raise TypeError(f"grid must be a qjax.grids.GridSpec, a qjax.grids.Grid or a non-empty "
-                        f"1-D alphabet, got shape {levels.shape}")
-      if not gpfq_layer_lib._all_finite(levels):
-        raise ValueError("grid (alphabet) contains NaN or Inf")
-      levels, mode, maxq = jnp.sort(levels), "levels", 0
-      scale = zero = jnp.zeros((1, N1), jnp.float32)
-      group_of_row = jnp.zeros((N0,), jnp.int32)
+    ops = grid_operands(grid, W.shape, dtype)
     H, G = qronos_grams(W, X, X_tilde, dtype)
   except (ValueError, TypeError) as e:
     if not where:
       raise
     raise type(e)(where + str(e)) from None
   Q, scale, zero, finite = _qronos(
-      W.astype(dtype), H, G, scale, zero, group_of_row, levels, jnp.asarray(damp, dtype),
-      mode=mode, spec=spec, maxq=maxq, block_size=int(block_size), act_order=bool(act_order),
-      damp_rule=damp_rule)
+      W.astype(dtype), H, G, ops.scale, ops.zero, ops.group_of_row, ops.levels,
+      jnp.asarray(damp, dtype), mode=ops.mode, spec=ops.spec, maxq=ops.maxq,
+      block_size=int(block_size), act_order=bool(act_order), damp_rule=damp_rule)
   if not isinstance(finite, jax.core.Tracer) and not bool(finite):
     raise ValueError(f"{where}X_tilde^T X_tilde + damping is not positive definite (Cholesky "
                      f"failed, damp={damp}): raise damp or use more calibration data")
-  Q = Q.astype(jax.dtypes.canonicalize_dtype(W.dtype))
-  if not return_grid:
-    return Q
-  if mode == "levels":
-    return Q, None
-  if mode == "grid":
-    return Q, grid
-  return Q, grids_lib.Grid(scale, zero, bits=spec.bits, symmetric=spec.symmetric,
-                           group_size=spec.group_size, per_tensor=spec.granularity == "tensor")
+  return with_grid(Q.astype(jax.dtypes.canonicalize_dtype(W.dtype)), grid,
+                   ops._replace(scale=scale, zero=zero), return_grid)
 
 
 # ------------------------------------------------------------------------------------------------
