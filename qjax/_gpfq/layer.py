@@ -88,9 +88,11 @@ def _check_pair(N0: int, x: Any, xt: Any, where: str = "") -> None:
     if getattr(a, "ndim", None) != 2 or a.shape[1] != N0:
       raise ValueError(f"{name}{where} must have shape (m, N0={N0}) to match W, got shape "
                        f"{getattr(a, 'shape', None)}")
-    if not _all_finite(a):
-      raise ValueError(f"{name}{where} contains NaN or Inf")
+    # One reduction checks both: the sum of squares is finite iff no entry is NaN/Inf and
+    # the Gram does not overflow float32.
     if not _all_finite(jnp.sum(jnp.square(jnp.asarray(a, jnp.float32)))):
+      if not _all_finite(a):
+        raise ValueError(f"{name}{where} contains NaN or Inf")
       raise ValueError(f"{name}{where} is too large for float32: its Gram {name}^T {name} "
                        f"overflows (max |{name}| = {float(jnp.max(jnp.abs(a))):.3g}); rescale "
                        "the inputs")
