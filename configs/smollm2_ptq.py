@@ -12,10 +12,10 @@ from qjax.experiments import causal_lm
 def get_config() -> ml_collections.ConfigDict:
   config = causal_lm.causal_lm_config()
   config.name = "smollm2_ptq"
-  # RTN, GPTQ (act-order off / on), GPFQ on the same asymmetric min-max grids (GPTQ paper's
-  # setting), per channel and groups of 128, at 4 and 3 bits; embedding and head float.
-  # Other methods registered in qjax.experiments.transformers.GRID_QUANTIZERS run by name.
-  config.methods = ("rtn", "gptq", "gptq-act", "gpfq")
+  # RTN, GPTQ and GPFQ (act-order off / on) and Qronos on the same asymmetric min-max grids
+  # (GPTQ paper's setting), per channel and groups of 128, at 4 and 3 bits; embedding and head
+  # float. Methods come from causal_lm.METHODS, then transformers.GRID_QUANTIZERS, by name.
+  config.methods = ("rtn", "gptq", "gptq-act", "gpfq", "gpfq-act", "qronos")
   config.bits = (4, 3)
   config.grids = ("channel", "g128")
   config.calibration_size = 8     # windows of 256 tokens of the calibration split
