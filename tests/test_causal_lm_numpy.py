@@ -82,11 +82,19 @@ def test_causal_lm_task_smoke(tmp_path):
   config.smoke = True
   rows = main.run(config, str(tmp_path / "work"))
   methods = {r["method"] for r in rows}
-  assert methods == {"float", "rtn", "gptq", "gptq act-order", "gpfq"}
+  assert methods == {"float", "rtn", "gptq", "gptq act-order", "gpfq", "gpfq-act", "qronos"}
   assert all(np.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in rows)
   exported = [r for r in rows if "storage_bytes" in r]
   assert len(exported) == 1 and exported[0]["storage_bytes"] > 0
   assert os.path.exists(tmp_path / "work" / "perplexity.png")
+  # Activation rows (config.acts): each method again behind 4-bit per-token activations.
+  config.methods, config.acts = ("rtn", "gptq", "gpfq"), ("a4-token",)
+  rows = main.run(config, str(tmp_path / "work_act"))
+  weight_only = {r["method"]: r["perplexity"] for r in rows if not r.get("act")}
+  with_act = {r["method"]: r["perplexity"] for r in rows if r.get("act") == "a4-token"}
+  assert set(with_act) == {"rtn", "gptq", "gpfq"}
+  for m, p in with_act.items():  # 4-bit activations cost something on every method
+    assert np.isfinite(p) and p != weight_only[m], m
   config.methods = ("nope",)
   with pytest.raises(ValueError, match="unknown method 'nope'"):
     main.validate_config(config)

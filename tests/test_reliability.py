@@ -325,6 +325,11 @@ def test_seeds_must_be_distinct_ints():
   config.seeds = (1, 1)
   with pytest.raises(ValueError, match="config.seeds must be distinct ints"):
     main_lib.validate_config(config)
+  config.seeds, config.seed = (0, 1, 2), 5  # a lone --config.seed=5 must not be ignored
+  with pytest.raises(ValueError, match="config.seed=5 conflicts with config.seeds"):
+    main_lib.validate_config(config)
+  config.seeds = (5,)
+  main_lib.validate_config(config)
 
 
 def test_constraints_file_pins_what_the_readme_installs():

@@ -54,12 +54,12 @@ def grid_spec(name: str, bits: int) -> grids.GridSpec:
   return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=False)
 
 
-def _rtn(task, spec):
-  return tf_tasks.grid_rtn(task, spec), {}
+def _rtn(task, spec, act=None):
+  return tf_tasks._grid_rtn(task, spec, act)  # pylint: disable=protected-access
 
 
 def _gptq(act_order: bool) -> Callable:
-  def fn(task, spec):
+  def fn(task, spec, act=None):
     # Static groups: every group's grid comes from W before any update, so GPTQ rounds onto the
     # levels RTN and GPFQ use (and act-order needs them).
     with warnings.catch_warnings():
@@ -68,19 +68,20 @@ def _gptq(act_order: bool) -> Callable:
           task.params, task.apply_fn, task.calibration, bits=spec.bits,
           granularity=spec.granularity, group_size=spec.group_size, symmetric=spec.symmetric,
           scale_method=spec.method, act_order=act_order, static_groups=True, skip=SKIP,
-          progress=False, return_grids=True)
+          progress=False, return_grids=True, act=act)
     tf_tasks._check_report(report, "gptq")  # pylint: disable=protected-access
-    return q, {"_targets": targets}  # the fitted grids, for `export_bytes` (not a column)
+    # The fitted grids, for `export_bytes` (not a column).
+    return q, {"_targets": targets, "_act_scales": report.act_scales}
   return fn
 
 
-def _gpfq(task, spec):
+def _gpfq(task, spec, act=None):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec, skip=SKIP,
-                          progress=False)
+                          progress=False, act=act)
   tf_tasks._check_report(report, "gpfq")  # pylint: disable=protected-access
-  return q, {}
+  return q, {"_act_scales": report.act_scales}
 
 
 # name -> (row label, fn(task, GridSpec) -> (quantized params, extra row columns)).
@@ -110,6 +111,7 @@ def causal_lm_config() -> ml_collections.ConfigDict:
   c.methods = ("rtn", "gptq", "gptq-act", "gpfq")
   c.bits = (4, 3)
   c.grids = ("channel", "g128")
+  c.acts = ()                     # activation schemes beside weight-only: 'a8-token', 'a8-tensor'
   c.calibration_size = 8          # windows of the calibration split
   c.calibration_length = 256      # tokens per calibration window
   c.seed = 0                      # calibration draw
@@ -127,6 +129,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     method(m)
   for g in config.grids:
     grid_spec(g, 4)
+  for a in config.get("acts", ()):
+    tf_tasks.act_spec(a)
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   for k in ("calibration_size", "calibration_length", "eval_length", "batch_size"):
@@ -179,8 +183,9 @@ def run(config: ml_collections.ConfigDict, workdir: str):
                           or int(k.split("_")[1]) < 2}, cfg, lm.tokenizer, lm.source)
     params = lm.params
 
-  def evaluate(p):
-    nll, n_tok = ppl_lib.mean_nll(lm.apply_fn, p, test_ids, ev_len, int(config.batch_size), ev_n)
+  def evaluate(p, apply_fn=None):
+    nll, n_tok = ppl_lib.mean_nll(apply_fn or lm.apply_fn, p, test_ids, ev_len,
+                                  int(config.batch_size), ev_n)
     return float(np.exp(nll)), n_tok
 
   float_ppl, n_tok = evaluate(params)
@@ -192,29 +197,30 @@ def run(config: ml_collections.ConfigDict, workdir: str):
   task = tf_tasks.Task("causal_lm", params, lm.apply_fn, calib, config)
   runs = {"float": rows}
   exported = False
-  settings = ([("channel", 3)] if smoke else
-              [(g, int(b)) for g in config.grids for b in config.bits])
+  acts = ("",) + tuple(config.get("acts", ()))
+  settings = ([("channel", 3, a) for a in acts] if smoke else
+              [(g, int(b), a) for g in config.grids for b in config.bits for a in acts])
   for name in config.methods:
     label, fn = method(name)
     runs[name] = []
-    for g, bits in settings:
+    for g, bits, act in settings:
       spec = grid_spec(g, int(bits))
       t0 = time.perf_counter()
-      try:
-        q, extra = fn(task, spec)
+      try:  # act '' = weights only; else weights fitted with act= and evaluated behind it
+        q, extra = tf_tasks._with_act(task, fn, spec, act)  # pylint: disable=protected-access
         q = jax.block_until_ready(q)
         targets = extra.pop("_targets", None)
       except tf_tasks.Skip as e:
         print(f"skipped {name} ({g}) at {bits} bits: {e}")
         continue
       seconds = time.perf_counter() - t0
-      p, _ = evaluate(q)
+      p, _ = evaluate(q, extra.pop("_apply", None))
       row = results.row(label, int(bits), seconds, grid=g, perplexity=round(p, 3),
                         increase=round(p - float_ppl, 3), peak_mb=_peak_mb(), **extra)
-      if config.export and not exported and targets is not None:
+      if config.export and not exported and targets is not None and not act:
         row.update(export_bytes(q, targets))
         exported = True
-      print(row, flush=True)
+      print({k: v for k, v in row.items() if k != "layers"}, flush=True)
       runs[name].append(row)
   key = tf_tasks._run_key("causal_lm", os.path.basename(path), n_cal, cal_len,  # pylint: disable=protected-access
                           int(config.seed), ev_len, ev_n, config.eval_file, smoke)

@@ -78,6 +78,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or (
       len(set(seeds)) != len(seeds)):
     raise ValueError(f"config.seeds must be distinct ints, got {seeds!r}")
+  if seeds and config.seed != seeds[0]:  # else --config.seed=5 would be silently ignored
+    raise ValueError(f"config.seed={config.seed!r} conflicts with config.seeds={tuple(seeds)!r}: "
+                     "the rows are run over config.seeds; for one run with seed N pass "
+                     "--config.seeds=N")
   for key in ("batch_size", "epochs"):
     low = 1 if key == "batch_size" else 0
     if isinstance(config[key], bool) or not isinstance(config[key], int) or config[key] < low:
