@@ -131,6 +131,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     grid_spec(g, 4)
   for a in config.get("acts", ()):
     tf_tasks.act_spec(a)
+  for d in config.get("qronos_damp_grid", None) or ():
+    if not (isinstance(d, (int, float)) and np.isfinite(d) and d > 0):
+      raise ValueError(f"config.qronos_damp_grid: damps must be finite floats > 0, got {d!r}")
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   for k in ("calibration_size", "calibration_length", "eval_length", "batch_size"):

@@ -228,21 +228,24 @@ def _gptq_act(task: Task, spec, act=None) -> tuple[PyTree, dict]:
 
 
 # Qronos' damping (fraction of mean diag(X~^T X~)), chosen per setting on the held-out tail of
-# the calibration batch (never the test split), then refitted on the whole batch.
+# the calibration batch (never the test split), then refitted on the whole batch;
+# `config.qronos_damp_grid` overrides it (one value: no search).
 QRONOS_DAMP_GRID = (0.03, 0.1, 0.3)
 
 
 def _qronos(task: Task, spec, act=None) -> tuple[PyTree, dict]:
-  """Qronos with act-order on the same GridSpec; damp searched over `QRONOS_DAMP_GRID`."""
+  """Qronos with act-order on the same GridSpec; damp searched over `QRONOS_DAMP_GRID` (or
+  `config.qronos_damp_grid`)."""
   kw = dict(bits=spec.bits, granularity=spec.granularity, group_size=spec.group_size,
             symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
             skip=_skip(task), progress=False, act=act)
+  damp_grid = tuple(task.config.get("qronos_damp_grid", None) or QRONOS_DAMP_GRID)
   with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    damp = QRONOS_DAMP_GRID[0]
-    if len(QRONOS_DAMP_GRID) > 1:
+    damp = damp_grid[0]
+    if len(damp_grid) > 1:
       _, search = qjax.qronos(task.params, task.apply_fn, task.calibration,
-                              damp_grid=QRONOS_DAMP_GRID, holdout_fraction=0.2, **kw)
+                              damp_grid=damp_grid, holdout_fraction=0.2, **kw)
       damp = search.damp
     q, report = qjax.qronos(task.params, task.apply_fn, task.calibration, damp=damp, **kw)
   _check_report(report, "qronos")
