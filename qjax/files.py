@@ -4,15 +4,22 @@ A crash, a kill or a full disk during a write leaves the old file (or none), nev
 one: data go to a temporary file in the same directory, are flushed to disk, and replace the
 target with `os.replace` (atomic on POSIX). `locked(path)` serialises read-merge-write cycles of
 several processes on one file with `fcntl.flock` on a `<path>.lock` beside it.
+
+Checkpoint JSON files (config.json, tokenizer.json, ...) are read with `read_json`, and their
+numbers with `json_number`: a damaged file or a wrongly typed value is a ValueError naming the file
+(and the key), not a bare JSONDecodeError or a TypeError from deep inside a model.
 """
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 import time
-from typing import Iterator
+from typing import Any, Iterator, Mapping
+
+_REQUIRED = object()
 
 
 def atomic_write(path: str, data: bytes | str) -> None:
@@ -50,3 +57,43 @@ def set_aside(path: str, why: str) -> str:
   os.replace(path, aside)
   print(f"warning: {path} {why}; moved it to {aside}")
   return aside
+
+
+def read_json(where: str, data: bytes | str | None = None) -> Any:
+  """The JSON value of the file `where` (or of `data`, its contents read elsewhere, e.g. from a
+  zip: `where` then only names it in errors).
+
+  Raises:
+    ValueError: naming `where`, if it is not valid UTF-8 JSON (a damaged or truncated file).
+  """
+  if data is None:
+    with open(where, "rb") as f:
+      data = f.read()
+  try:
+    return json.loads(data)
+  except ValueError as e:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+    raise ValueError(f"{where}: not a valid JSON file ({e}); is the file damaged or truncated?") from None
+
+
+def json_number(obj: Mapping[str, Any], key: str, where: str, kind: type = int,
+                default: Any = _REQUIRED) -> Any:
+  """obj[key], checked to be an int (kind=int) or an int or float (kind=float), as a `kind`.
+
+  A JSON number is never coerced from a str ("384") and an int is never truncated from a float
+  (4.5): either is a wrong config, not a value to guess. `default` is returned for a missing key
+  (or null); without one, a missing key is an error.
+
+  Raises:
+    ValueError: naming the file `where` and the key.
+  """
+  if not isinstance(obj, Mapping):
+    raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+  want = "an int" if kind is int else "a number"
+  if obj.get(key) is None and default is not _REQUIRED:
+    return default
+  if key not in obj:
+    raise ValueError(f"{where}: missing key {key!r} ({want})")
+  value = obj[key]
+  if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
+    raise ValueError(f"{where}: {key!r} must be {want}, got {type(value).__name__} {value!r}")
+  return kind(value)

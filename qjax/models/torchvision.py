@@ -445,7 +445,7 @@ def random_state_dict(name: str, seed: int = 0, image_size: int = 224) -> dict[s
   out = {}
   for key, (_, _, leaf, shape) in expected_shapes(name, image_size).items():
     if leaf == "kernel":
-      torch_shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else shape[::-1]
+      torch_shape = _torch_layout(leaf, shape)
       fan_in = math.prod(torch_shape[1:])
       out[key] = rng.standard_normal(torch_shape, np.float32) * np.float32(np.sqrt(2 / fan_in))
     elif leaf in ("scale", "var"):
@@ -455,6 +455,15 @@ def random_state_dict(name: str, seed: int = 0, image_size: int = 224) -> dict[s
     if leaf == "var":
       out[key[:-len("running_var")] + "num_batches_tracked"] = np.zeros((), np.int64)
   return out
+
+
+def _torch_layout(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """The torch shape of a flax leaf: kernels HWIO -> OIHW and (in, out) -> (out, in)."""
+  if leaf != "kernel":
+    return tuple(shape)
+  if len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape[::-1])
 
 
 def _to_numpy(value: Any, key: str) -> np.ndarray:
@@ -546,10 +555,14 @@ def from_torchvision(name: str, state_dict: Mapping[str, Any] | str | os.PathLik
             array.shape[0], -1)
       array = array.T
     if array.shape != shape:
-      torch_shape = tuple(_to_numpy(value, key).shape)
-      raise ValueError(f"from_torchvision({full!r}): key {key!r} has shape {torch_shape}, which "
-                       f"does not fit {'/'.join(path)}/{leaf} of shape {shape} (flax layout)"
-                       f"{hint()}")
+      given, want = tuple(_to_numpy(value, key).shape), _torch_layout(leaf, shape)
+      # A 2-d weight in (in, out) order (a flax kernel, or a transposed Linear weight) is the
+      # usual slip; say so instead of printing the same numbers twice.
+      transposed = len(given) == 2 and given == want[::-1] and given != want
+      note = "; it looks transposed: pass torch's (out, in) weight" if transposed else ""
+      raise ValueError(f"from_torchvision({full!r}): key {key!r} has shape {given}, torch's "
+                       f"layout needs {want} (the flax {'/'.join(path)}/{leaf} is {shape})"
+                       f"{note}{hint()}")
     node = variables.setdefault(collection, {})
     for p in path:
       node = node.setdefault(p, {})
