@@ -240,7 +240,7 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
   import dataclasses
   import time
   from qjax import driver
-  from qjax._gpfq.network import holdout_size, output_error
+  from qjax.calibration import holdout_size, output_error
   start = time.perf_counter()
   if alphabet is None:
     grids_lib.GridSpec(4, granularity, group_size, symmetric=symmetric, method=scale_method)

@@ -32,6 +32,12 @@ from qjax import rules
 from qjax.rounding import grid_half
 
 
+# C for each step rule (Eq. 19 / reference code), the default of `qjax.gpfq(C=)`. Found by grid
+# search on LeNet5 and embedded MNIST (qjax.experiments.gpfq); the paper's ImageNet models used
+# 0.975-1.81 (Table 1).
+DEFAULT_C: dict[str, float] = {"paper": 1.0, "reference": 1.0, "uniform": 1.0}
+
+
 def _is_concrete(x: Any) -> bool:
   return not isinstance(x, jax.core.Tracer)
 

@@ -1,4 +1,5 @@
-"""Static activation scales from a calibration pass of the float network (`qjax.ActSpec`).
+"""Static activation scales from a calibration pass of the float network (`qjax.ActSpec`), and
+the held-out tail of a calibration batch that GPFQ's C search and Qronos' damp search score on.
 
 Its own module because it needs both the driver's batch checks and `qjax.activations`, which
 the driver imports.
@@ -8,12 +9,25 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 
 from qjax import activations
 from qjax import driver
 from qjax import rules
 
 PyTree = Any
+
+
+def holdout_size(n: int, fraction: float) -> int:
+  """Examples held out at the end of an n-example batch for the C / damp search (at least 1)."""
+  return max(1, round(fraction * n))
+
+
+def output_error(q_out: PyTree, float_out: PyTree) -> jax.Array:
+  """Default held-out loss of the C / damp search: ||f_q - f||^2 / ||f||^2 of the final outputs."""
+  leaves_q, leaves_f = jax.tree_util.tree_leaves(q_out), jax.tree_util.tree_leaves(float_out)
+  err = sum(jnp.sum((a - b) ** 2) for a, b in zip(leaves_q, leaves_f))
+  return err / sum(jnp.sum(b ** 2) for b in leaves_f)
 
 
 def calibrate_activations(params: PyTree, apply_fn: Callable, batch: Any, act: Any, *,

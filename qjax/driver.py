@@ -312,7 +312,7 @@ def check_finite(params: PyTree, batches: Sequence[PyTree]) -> None:
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     arr = np.asarray(leaf)
     if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
-      raise ValueError(f"layer {rules.path_name(program_lib._strip_value(path))!r}: "
+      raise ValueError(f"layer {rules.path_name(program_lib.strip_value(path))!r}: "
                        f"{_keys_str(path)} contains {int((~np.isfinite(arr)).sum())} NaN/Inf "
                        "values; quantize a model with finite weights")
   for i, batch in enumerate(batches):

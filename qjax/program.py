@@ -416,7 +416,7 @@ class Program:
   rows: dict = dataclasses.field(default_factory=dict)
 
 
-def _strip_value(path: tuple) -> tuple:
+def strip_value(path: tuple) -> tuple:
   """Drop trailing `.value` attribute keys (boxed params: nn.Partitioned, nnx.Variable)."""
   path = tuple(path)
   while path and getattr(path[-1], "name", None) == "value" and not hasattr(path[-1], "key"):
@@ -434,7 +434,7 @@ def param_leaves(params: PyTree) -> tuple[list, list[int], list[str], Any, int]:
   variables = isinstance(params, Mapping) and isinstance(params.get("params"), Mapping)
   leaves, positions, names = [], [], []
   for i, (path, leaf) in enumerate(flat):
-    path = _strip_value(path)
+    path = strip_value(path)
     if variables and rules.key_name(path[0]) != "params":
       continue
     if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):

@@ -37,7 +37,8 @@ def test_act_rows_on_a_mock_context():
         names.append(f"{m}-pc/{a}/fit-a32")
   assert [r["method"] for r in rows] == names
   for r in rows:
-    assert r["bits"] == 4 and 0 <= r["accuracy"] <= 100 and r["logit_err"] >= 0
+    # Every row rounds the weights to 4 bits: the logits move, by less than their own norm.
+    assert r["bits"] == 4 and 0 <= r["accuracy"] <= 100 and 0 < r["logit_err"] < 1, r
   by = {r["method"]: r for r in rows}
   assert by["rtn-pc/a6-token"]["logit_err"] > by["rtn-pc/a32"]["logit_err"]
   # Weight-only RTN on the driver is qjax.quantize_rtn on the driver's views (data-free).

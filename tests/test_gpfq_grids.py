@@ -147,7 +147,11 @@ def test_default_quantizer_unchanged():
   q_b, _ = qjax.gpfq(params, _apply, x, bits=3, quantizer="msq", progress=False)
   for n in ("l1", "l2"):
     np.testing.assert_array_equal(q_a[n]["kernel"], q_b[n]["kernel"])
-  assert all(r.sparsity is not None for r in r_a.layers)
+  # Each record's sparsity is the fraction of exact zeros in its quantized kernel.
+  assert [r.path for r in r_a.layers] == ["l1", "l2"]
+  for r in r_a.layers:
+    np.testing.assert_allclose(r.sparsity, np.mean(np.asarray(q_a[r.path]["kernel"]) == 0),
+                               rtol=1e-6, err_msg=r.path)
 
 
 # -- gpfq_layer: quantizer choice, a Grid as levels.

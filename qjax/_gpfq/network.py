@@ -39,6 +39,8 @@ from qjax import rules
 from qjax import views as views_lib
 from qjax._gpfq.layer import gpfq_layer
 from qjax._gpfq.sharded import resolve_mesh
+from qjax.alphabets import DEFAULT_C
+from qjax.calibration import holdout_size, output_error
 from qjax.driver import LayerRecord, Report, UnsupportedLayerWarning, format_report
 
 PyTree = Any
@@ -53,16 +55,6 @@ __all__ = ["DEFAULT_C", "Bits", "LayerRecord", "Report", "Rule", "UnsupportedLay
            "alphabet", "format_report", "gpfq", "gpfq_quantizer", "holdout_size",
            "msq_quantizer", "output_error", "pad_levels", "quantize_msq"]
 
-# C for each step rule (Eq. 19 / reference code). Found by grid search on LeNet5 and embedded
-# MNIST (qjax.experiments.gpfq); the paper's ImageNet models used 0.975-1.81 (Table 1).
-DEFAULT_C: dict[str, float] = {"paper": 1.0, "reference": 1.0, "uniform": 1.0}
-
-
-def holdout_size(n: int, fraction: float) -> int:
-  """Examples held out at the end of an n-example batch for the C search (at least 1)."""
-  return max(1, round(fraction * n))
-
-
 def alphabet(W: jax.Array, bits: int, C: float, rule: Rule) -> tuple[jax.Array, float]:
   """(levels, delta) for a kernel matrix (N0, N1) by the paper's (Eq. 17-19) or the reference
   code's rule; see `qjax.alphabets.levels_for`."""
@@ -76,13 +68,6 @@ def pad_levels(levels: jax.Array, min_size: int = 17) -> jax.Array:
   one array shape for b = 1..4, so the jitted GPFQ kernels compile once across bit widths."""
   extra = max(min_size - levels.shape[0], 0)
   return jnp.concatenate([levels, jnp.broadcast_to(levels[-1:], (extra,))])
-
-
-def output_error(q_out: PyTree, float_out: PyTree) -> jax.Array:
-  """Default held-out loss of the C search: ||f_q - f||^2 / ||f||^2 of the final outputs."""
-  leaves_q, leaves_f = jax.tree_util.tree_leaves(q_out), jax.tree_util.tree_leaves(float_out)
-  err = sum(jnp.sum((a - b) ** 2) for a, b in zip(leaves_q, leaves_f))
-  return err / sum(jnp.sum(b ** 2) for b in leaves_f)
 
 
 def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis,

@@ -95,8 +95,8 @@ def rows(ctx) -> list[dict]:
   bits, column 'act' = the activation scheme)."""
   cfg = config_section(ctx.config, "act", default_config())
   cfg_gpfq = config_section(ctx.config, "gpfq", gpfq_experiment.default_config())
-  x, _ = gpfq_experiment._calibration(ctx, cfg_gpfq)  # noqa: SLF001 -- the same draw
-  common = gpfq_experiment._common(ctx, cfg_gpfq)  # noqa: SLF001
+  x, _ = gpfq_experiment.calibration(ctx, cfg_gpfq)  # the same draw
+  common = gpfq_experiment.common_options(ctx, cfg_gpfq)
   x_test, y_test = ctx.data["test"]
   ref = train_lib.predict(ctx.model.apply, ctx.variables, x_test)
 

@@ -55,7 +55,7 @@ def grid_spec(name: str, bits: int) -> grids.GridSpec:
 
 
 def _rtn(task, spec, act=None):
-  return tf_tasks._grid_rtn(task, spec, act)  # pylint: disable=protected-access
+  return tf_tasks.rtn_grid(task, spec, act)
 
 
 def _gptq(act_order: bool) -> Callable:
@@ -69,7 +69,7 @@ def _gptq(act_order: bool) -> Callable:
           granularity=spec.granularity, group_size=spec.group_size, symmetric=spec.symmetric,
           scale_method=spec.method, act_order=act_order, static_groups=True, skip=SKIP,
           progress=False, return_grids=True, act=act)
-    tf_tasks._check_report(report, "gptq")  # pylint: disable=protected-access
+    tf_tasks.check_report(report, "gptq")
     # The fitted grids, for `export_bytes` (not a column).
     return q, {"_targets": targets, "_act_scales": report.act_scales}
   return fn
@@ -80,7 +80,7 @@ def _gpfq(task, spec, act=None):
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec, skip=SKIP,
                           progress=False, act=act)
-  tf_tasks._check_report(report, "gpfq")  # pylint: disable=protected-access
+  tf_tasks.check_report(report, "gpfq")
   return q, {"_act_scales": report.act_scales}
 
 
@@ -210,7 +210,7 @@ def run(config: ml_collections.ConfigDict, workdir: str):
       spec = grid_spec(g, int(bits))
       t0 = time.perf_counter()
       try:  # act '' = weights only; else weights fitted with act= and evaluated behind it
-        q, extra = tf_tasks._with_act(task, fn, spec, act)  # pylint: disable=protected-access
+        q, extra = tf_tasks.with_act(task, fn, spec, act)
         q = jax.block_until_ready(q)
         targets = extra.pop("_targets", None)
       except tf_tasks.Skip as e:
@@ -225,8 +225,8 @@ def run(config: ml_collections.ConfigDict, workdir: str):
         exported = True
       print({k: v for k, v in row.items() if k != "layers"}, flush=True)
       runs[name].append(row)
-  key = tf_tasks._run_key("causal_lm", os.path.basename(path), n_cal, cal_len,  # pylint: disable=protected-access
-                          int(config.seed), ev_len, ev_n, config.eval_file, smoke)
+  key = tf_tasks.run_key("causal_lm", os.path.basename(path), n_cal, cal_len,
+                         int(config.seed), ev_len, ev_n, config.eval_file, smoke)
   return runs, key
 
 
@@ -243,4 +243,4 @@ def export_bytes(q: PyTree, targets: Any) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
-  tf_tasks._plot(rows, ["perplexity"], path, "causal LM, test split")  # pylint: disable=protected-access
+  tf_tasks.plot(rows, ["perplexity"], path, "causal LM, test split")

@@ -26,8 +26,9 @@ import numpy as np
 import optax
 
 import qjax
+from qjax import alphabets
+from qjax import calibration as calibration_lib
 from qjax import rules
-from qjax._gpfq import network
 from qjax.experiments import config_section, results
 
 
@@ -69,8 +70,8 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config.gpfq") -> None
       isinstance(d, (int, float)) and 0 < d < float("inf") for d in damps)):
     raise ValueError(f"{where}.damp_grid must be a non-empty sequence of finite values > 0, "
                      f"got {cfg.damp_grid!r}")
-  if cfg.rule not in network.DEFAULT_C:
-    raise ValueError(f"{where}.rule must be one of {sorted(network.DEFAULT_C)}, got {cfg.rule!r}")
+  if cfg.rule not in alphabets.DEFAULT_C:
+    raise ValueError(f"{where}.rule must be one of {sorted(alphabets.DEFAULT_C)}, got {cfg.rule!r}")
   if cfg.holdout_loss not in ("cross_entropy", "output"):
     raise ValueError(f"{where}.holdout_loss must be 'cross_entropy' or 'output', got "
                      f"{cfg.holdout_loss!r}")
@@ -86,7 +87,7 @@ def _apply_kwargs(model) -> dict[str, Any]:
   return {"train": False} if "train" in params else {}
 
 
-def _calibration(ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
+def calibration(ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
   """A shuffled draw of the training split (it may be sorted by label)."""
   x, y = ctx.data["train"]
   n = min(int(cfg.calibration_size), x.shape[0])
@@ -97,8 +98,8 @@ def _calibration(ctx, cfg) -> tuple[np.ndarray, np.ndarray]:
 def _holdout_loss(cfg, y: np.ndarray):
   """Loss of the C search on the held-out tail of the calibration set (labels known here)."""
   if cfg.holdout_loss == "output":
-    return None  # network.output_error
-  n_hold = network.holdout_size(y.shape[0], cfg.holdout_fraction)
+    return None  # qjax.calibration.output_error
+  n_hold = calibration_lib.holdout_size(y.shape[0], cfg.holdout_fraction)
   labels = jnp.asarray(y[y.shape[0] - n_hold:])
   return lambda q_out, _: optax.softmax_cross_entropy_with_integer_labels(q_out, labels).mean()
 
@@ -111,7 +112,7 @@ def _row(method: str, bits: int, acc: float, ctx, seconds: float, report) -> dic
 
 
 def quantize(ctx, variables: dict, bits: int | dict[str, int], **overrides) -> tuple[dict, Any, float]:
-  """`network.gpfq` of `variables` on the calibration draw, with `config.gpfq` options.
+  """`qjax.gpfq` of `variables` on the calibration draw, with `config.gpfq` options.
 
   Args:
     ctx: the main job's context.
@@ -124,16 +125,16 @@ def quantize(ctx, variables: dict, bits: int | dict[str, int], **overrides) -> t
   """
   cfg = config_section(ctx.config, "gpfq", default_config())
   cfg.update(overrides)
-  x, y = _calibration(ctx, cfg)
+  x, y = calibration(ctx, cfg)
   start = time.perf_counter()
   q_vars, report = qjax.gpfq(
       variables, ctx.model.apply, x, bits=bits, C=cfg.C, rule=cfg.rule, method=cfg.method,
       C_grid=tuple(cfg.C_grid) or None, holdout_fraction=cfg.holdout_fraction,
-      holdout_loss=_holdout_loss(cfg, y), **_common(ctx, cfg))
+      holdout_loss=_holdout_loss(cfg, y), **common_options(ctx, cfg))
   return q_vars, report, time.perf_counter() - start
 
 
-def _common(ctx, cfg) -> dict[str, Any]:
+def common_options(ctx, cfg) -> dict[str, Any]:
   """Options shared by the GPFQ and MSQ calls."""
   return dict(last_layer_float=cfg.last_layer_float, bias_correction=cfg.bias_correction,
               patch_p=cfg.patch_p, patch_stride=cfg.patch_stride,
@@ -146,7 +147,7 @@ def grid_rows(ctx, cfg, x: np.ndarray) -> list[dict]:
   layer and bit width, the calibration draw `x` and the same patch samples for both data methods.
   """
   out = []
-  common = _common(ctx, cfg)
+  common = common_options(ctx, cfg)
   for bits in cfg.grid_bits:
     spec = qjax.grids.GridSpec(int(bits), "channel", symmetric=True)
     start = time.perf_counter()
@@ -202,9 +203,9 @@ def rows(ctx) -> list[dict]:
     ||XW||}; not for rtn-pc).
   """
   cfg = config_section(ctx.config, "gpfq", default_config())
-  x, _ = _calibration(ctx, cfg)
+  x, _ = calibration(ctx, cfg)
   # MSQ's report uses the rows GPFQ was fitted on (and its compiled data functions).
-  x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - network.holdout_size(
+  x_calib = x if not tuple(cfg.C_grid) else x[:x.shape[0] - calibration_lib.holdout_size(
       x.shape[0], cfg.holdout_fraction)]
   out = []
   for bits in cfg.bits:
@@ -215,7 +216,7 @@ def rows(ctx) -> list[dict]:
       start = time.perf_counter()
       m_vars, m_report = qjax.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
                                               bits=int(bits), C=report.C, rule=cfg.rule,
-                                              **_common(ctx, cfg))
+                                              **common_options(ctx, cfg))
       out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,
                       time.perf_counter() - start, m_report))
   return out + grid_rows(ctx, cfg, x)

@@ -77,7 +77,7 @@ def grid_rtn(task: Task, spec: "qjax.grids.GridSpec") -> PyTree:
   return qjax.quantize_rtn(task.params, spec, views=kernel_views(task))[0]
 
 
-def _check_report(report: Any, method: str) -> None:
+def check_report(report: Any, method: str) -> None:
   """Skip a method whose driver left layers float (e.g. attention on the Dense-only driver)."""
   left = [r.path for r in getattr(report, "layers", ()) if r.status == "unsupported"]
   if left:
@@ -105,7 +105,7 @@ def _gpfq(task: Task, bits: int) -> tuple[PyTree, dict]:
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, bits=int(bits),
                           skip=_skip(task), C=cfg.C, rule=cfg.rule, C_grid=tuple(cfg.C_grid) or None,
                           holdout_fraction=cfg.holdout_fraction, progress=False)
-  _check_report(report, "gpfq")
+  check_report(report, "gpfq")
   task.gpfq_C[int(bits)] = report.C
   return q, {"C": report.C, "layers": _layer_errors(report)}
 
@@ -129,7 +129,7 @@ def _msq(task: Task, bits: int) -> tuple[PyTree, dict]:
     q, report = qjax.quantize_msq(task.params, task.apply_fn, _calibration_rows(task),
                                   bits=int(bits), skip=_skip(task),
                                   C=C, rule=cfg.rule, progress=False)
-  _check_report(report, "msq")
+  check_report(report, "msq")
   return q, {"C": C, "layers": _layer_errors(report)}
 
 
@@ -157,7 +157,9 @@ def grid_spec(name: str, bits: int) -> "qjax.grids.GridSpec":
   return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=True)
 
 
-def _grid_rtn(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+def rtn_grid(task: Task, spec, act=None) -> tuple[PyTree, dict]:
+  """The 'rtn-grid' method of `GRID_QUANTIZERS`: (`grid_rtn`, {}) weights only, else RTN on
+  the driver with `act`."""
   if act is None:
     return grid_rtn(task, spec), {}
   # With activations quantized: RTN on the driver, whose pass calibrates the static scales.
@@ -176,7 +178,7 @@ def _gptq(task: Task, spec, act=None) -> tuple[PyTree, dict]:
                           granularity=spec.granularity, group_size=spec.group_size,
                           symmetric=spec.symmetric, scale_method=spec.method,
                           static_groups=True, skip=_skip(task), progress=False, act=act)
-  _check_report(report, "gptq")
+  check_report(report, "gptq")
   return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
@@ -185,7 +187,7 @@ def _gpfq_grid(task: Task, spec, act=None, act_order: bool = False) -> tuple[PyT
     warnings.simplefilter("ignore")
     q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec,
                           skip=_skip(task), progress=False, act=act, act_order=act_order)
-  _check_report(report, "gpfq")
+  check_report(report, "gpfq")
   return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
@@ -200,7 +202,7 @@ def act_spec(name: str) -> "qjax.ActSpec":
   return qjax.ActSpec(bits, kind, dynamic=kind == "token")
 
 
-def _with_act(task: Task, fn: Callable, spec, act: str) -> tuple[PyTree, dict]:
+def with_act(task: Task, fn: Callable, spec, act: str) -> tuple[PyTree, dict]:
   """A grid method with the activations of its layers quantized (`act` from `config.acts`,
   '' = weights only): weights fitted with `act=`, metrics of the network behind the same
   activation quantizers (extra['_apply'])."""
@@ -223,7 +225,7 @@ def _gptq_act(task: Task, spec, act=None) -> tuple[PyTree, dict]:
                           granularity=spec.granularity, group_size=spec.group_size,
                           symmetric=spec.symmetric, scale_method=spec.method, act_order=True,
                           static_groups=True, skip=_skip(task), progress=False, act=act)
-  _check_report(report, "gptq-act")
+  check_report(report, "gptq-act")
   return q, {"layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
@@ -248,14 +250,14 @@ def _qronos(task: Task, spec, act=None) -> tuple[PyTree, dict]:
                               damp_grid=damp_grid, holdout_fraction=0.2, **kw)
       damp = search.damp
     q, report = qjax.qronos(task.params, task.apply_fn, task.calibration, damp=damp, **kw)
-  _check_report(report, "qronos")
+  check_report(report, "qronos")
   return q, {"damp": damp, "layers": _layer_errors(report), "_act_scales": report.act_scales}
 
 
 # name -> (row method, fn(task, GridSpec) -> (quantized bare params, extra row columns)); each
 # runs on every `config.grids` x `config.bits` setting.
 GRID_QUANTIZERS: dict[str, tuple[str, Callable[[Task, Any], tuple[PyTree, dict]]]] = {
-    "rtn-grid": ("rtn", _grid_rtn),
+    "rtn-grid": ("rtn", rtn_grid),
     "gptq": ("gptq", _gptq),
     "gpfq-grid": ("gpfq", _gpfq_grid),
     "gptq-act": ("gptq-act", _gptq_act),
@@ -278,7 +280,7 @@ def _settings(task: Task, method: str):
       for bits in task.config.bits:
         spec = grid_spec(grid, int(bits))
         for act in ("",) + tuple(task.config.get("acts", ())):
-          yield label, grid, int(bits), (lambda spec=spec, fn=fn, act=act: _with_act(
+          yield label, grid, int(bits), (lambda spec=spec, fn=fn, act=act: with_act(
               task, fn, spec, act))
   else:
     for bits in task.config.bits:
@@ -311,7 +313,7 @@ def _quantized_rows(task: Task, evaluate: Callable[[PyTree], dict]) -> dict[str,
   return out
 
 
-def _run_key(*parts: Any) -> str:
+def run_key(*parts: Any) -> str:
   """A hash of the float model, weights and data recipe: rows saved under another key are not
   merged with this run's."""
   text_ = json.dumps(parts, sort_keys=True, default=str) + text.CORPUS_SHA256
@@ -464,16 +466,16 @@ def run_minilm(config: ml_collections.ConfigDict, workdir: str
           **_quantized_rows(task, lambda q, apply=None: embedding_metrics(
               float_emb, encode(q, apply), k, neighbours))}
   path = minilm_path(config)
-  key = _run_key("minilm", os.path.basename(path), os.path.getsize(path)
-                 if os.path.isfile(path) else "", int(config.calibration_size),
-                 int(config.calibration_length), int(config.eval_sentences), k)
+  key = run_key("minilm", os.path.basename(path), os.path.getsize(path)
+                if os.path.isfile(path) else "", int(config.calibration_size),
+                int(config.calibration_length), int(config.eval_sentences), k)
   return runs, key
 
 
 def plot_minilm(rows: list[dict], path: str) -> None:
   """Mean cosine, recall@k and Spearman vs bits, one line per method."""
   keys = ["cosine"] + [k for k in rows[0] if k.startswith("recall@")] + ["spearman"]
-  _plot(rows, keys, path, "MiniLM-L6, 2,000 held-out sentences")
+  plot(rows, keys, path, "MiniLM-L6, 2,000 held-out sentences")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,13 +532,13 @@ def run_bytelm(config: ml_collections.ConfigDict, workdir: str
     return {"bits_per_byte": round(bpb, 4), "increase": round(bpb - float_bpb, 4)}
 
   runs = {"float": rows, **_quantized_rows(task, metrics)}
-  key = _run_key("bytelm", text.bytelm_config_hash(config.bytelm), int(config.calibration_size),
-                 int(config.seed))
+  key = run_key("bytelm", text.bytelm_config_hash(config.bytelm), int(config.calibration_size),
+                int(config.seed))
   return runs, key
 
 
 def plot_bytelm(rows: list[dict], path: str) -> None:
-  _plot(rows, ["bits_per_byte"], path, "byte LM, test split", hline="unigram_bits_per_byte")
+  plot(rows, ["bits_per_byte"], path, "byte LM, test split", hline="unigram_bits_per_byte")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -549,8 +551,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.task must be 'minilm' or 'bytelm', got {config.get('task')!r}")
 
 
-def _plot(rows: list[dict], keys: list[str], path: str, title: str,
-          hline: str | None = None) -> None:
+def plot(rows: list[dict], keys: list[str], path: str, title: str,
+         hline: str | None = None) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
