@@ -1,4 +1,4 @@
-"""W8A8 / W4A8 on LeNet5 / embedded MNIST: RTN, GPTQ and GPFQ with weight-only, per-token dynamic
+"""W8A8 / W4A8 on LeNet5 / embedded MNIST: RTN, GPTQ, GPFQ and Qronos with weight-only, per-token dynamic
 and per-tensor static 8-bit activations (qjax.experiments.act), the float recipe of
 configs/mnist_lenet5.py.
 
@@ -18,4 +18,5 @@ def get_config() -> ml_collections.ConfigDict:
   config.seeds = (0,)  # one float model (the main job's table averages seeds)
   config.methods = ("act",)
   config.bits = (8, 4)
+  config.act.methods = ("rtn", "gptq", "gpfq", "qronos")
   return config

@@ -48,6 +48,28 @@ def test_act_rows_on_a_mock_context():
   assert rows[0]["accuracy"] == round(evaluate(r_vars), 2)
 
 
+def test_qronos_act_rows():
+  model = models.MLP(features=(32,), num_classes=4)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(200, 4, 4, 1)).astype(np.float32)
+  y = np.argmax(x.reshape(200, -1)[:, :4], axis=1).astype(np.int32)
+  variables = model.init(jax.random.key(0), x[:1])
+  evaluate = lambda v, split="test": train.evaluate(model.apply, v, x, y)  # noqa: E731
+  config = ml_collections.ConfigDict({"act": {"weight_bits": (4,), "act_bits": (4,),
+                                              "methods": ("qronos",)},
+                                      "gpfq": {"calibration_size": 100}})
+  ctx = types.SimpleNamespace(model=model, variables=variables, data={"train": (x, y),
+                                                                      "test": (x, y)},
+                              evaluate=evaluate, float_accuracy=evaluate(variables),
+                              config=config, key=jax.random.key(1))
+  by = {r["method"]: r for r in act_experiment.rows(ctx)}
+  assert list(by) == ["qronos-pc/a32", "qronos-pc/a4-token", "qronos-pc/a4-token/fit-a32",
+                      "qronos-pc/a4-tensor", "qronos-pc/a4-tensor/fit-a32"]
+  # 4-bit activations cost something over weight-only 4-bit Qronos, on every scheme.
+  for name in ("qronos-pc/a4-token", "qronos-pc/a4-tensor"):
+    assert by["qronos-pc/a32"]["logit_err"] < by[name]["logit_err"] < 1, name
+
+
 def test_act_config_is_validated():
   config = main.load_config(os.path.join(ROOT, "configs", "mnist_lenet5_act.py"))
   assert config.methods == ("act",)

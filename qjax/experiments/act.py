@@ -1,7 +1,8 @@
 """Activation-quantization rows of the main job: W8A8 and W4A8 beside weight-only W8 / W4.
 
-For every weight bit width in `config.act.weight_bits` and every method (RTN, GPTQ, GPFQ on one
-per-channel symmetric grid per layer, `qjax.grids.GridSpec(bits, "channel")`, the same
+For every weight bit width in `config.act.weight_bits` and every method of `config.act.methods`
+(RTN, GPTQ, GPFQ; Qronos too in configs/mnist_lenet5_act.py) on one per-channel symmetric grid
+per layer, `qjax.grids.GridSpec(bits, "channel")`, the same
 calibration draw and patches as the `gpfq` rows), three rows:
 
 * `<method>/a32`: weights only (float activations);
@@ -39,14 +40,14 @@ from qjax import train as train_lib
 from qjax.experiments import config_section, results
 from qjax.experiments import gpfq as gpfq_experiment
 
-METHODS = ("rtn", "gptq", "gpfq")
+METHODS = ("rtn", "gptq", "gpfq", "qronos")
 
 
 def default_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.weight_bits = (8, 4)           # per-channel symmetric weight grids
   c.act_bits = (8, 4)              # activation bits of the quantized-activation rows
-  c.methods = METHODS
+  c.methods = ("rtn", "gptq", "gpfq")  # 'qronos' too in configs/mnist_lenet5_act.py
   c.static_method = "max"          # 'max', 'percentile' or 'mse' for the per-tensor rows
   c.percentile = 99.99
   c.refit_rows = True              # also GPTQ / GPFQ fitted weight-only, deployed with the acts
@@ -85,6 +86,12 @@ def quantize(ctx, method: str, bits: int, act: Any, x, common: dict, cfg_gpfq) -
   if method == "gptq":
     return qjax.gptq(ctx.variables, ctx.model.apply, x, bits=bits, granularity="channel",
                      symmetric=True, act=act, **common)
+  if method == "qronos":  # act-order; damp searched on the held-out tail, as the qronos-pc rows
+    kw = dict(bits=bits, granularity="channel", symmetric=True, act_order=True, act=act,
+              **common)
+    _, search = qjax.qronos(ctx.variables, ctx.model.apply, x, damp_grid=tuple(
+        cfg_gpfq.damp_grid), holdout_fraction=cfg_gpfq.holdout_fraction, **kw)
+    return qjax.qronos(ctx.variables, ctx.model.apply, x, damp=search.damp, **kw)
   spec = grids.GridSpec(bits, "channel", symmetric=True)
   return qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec, method=cfg_gpfq.method,
                    act=act, **common)
