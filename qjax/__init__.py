@@ -10,6 +10,7 @@ from qjax import grids
 from qjax import views
 from qjax import mesh
 from qjax.grids import quantize_rtn
+from qjax.driver import plan_segments
 from qjax._gptq import gptq, gptq_layer
 from qjax.activations import ActSpec, with_activation_quant
 from qjax.calibration import calibrate_activations
@@ -22,5 +23,5 @@ __all__ = [
     "quantize_uniform", "sparsity",
     "export", "grids", "gptq", "gptq_layer", "quantize_rtn", "views",
     "ActSpec", "calibrate_activations", "with_activation_quant",
-    "qronos", "qronos_layer",
+    "qronos", "qronos_layer", "plan_segments",
 ]
