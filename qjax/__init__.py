@@ -25,7 +25,9 @@ Training transformations (optax): `psgd` (position-based scaled gradient, Kim et
 
 Modules: `alphabets` (GPFQ's alphabets and scalar quantizers), `grids` (per tensor / channel /
 group grids), `views` (matrix views of the kernels), `export` (integer codes, orbax I/O), `mesh`
-(params and data on a device mesh); `sparsity` reports the fraction of zero weights.
+(params and data on a device mesh; `plan_segments` compiles the driver's segments without
+quantizing and gives each one's peak bytes per device); `sparsity` reports the fraction of zero
+weights.
 """
 from qjax import alphabets
 from qjax import alq
@@ -38,6 +40,7 @@ from qjax import grids
 from qjax import views
 from qjax import mesh
 from qjax.grids import quantize_rtn
+from qjax.driver import plan_segments
 from qjax._gptq import gptq, gptq_layer
 from qjax.activations import ActSpec, with_activation_quant
 from qjax.calibration import calibrate_activations
@@ -51,6 +54,8 @@ __all__ = [
     "prune_smallest", "gpfq_layer", "gptq_layer", "qronos_layer", "gpfq_flops", "sparsity",
     # activation quantization
     "ActSpec", "calibrate_activations", "with_activation_quant",
+    # a dry run: each driver segment's compiled peak bytes per device
+    "plan_segments",
     # modules: training transformations, grids and alphabets, export, device meshes
     "psgd", "alq", "alphabets", "grids", "views", "export", "mesh",
 ]

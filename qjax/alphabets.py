@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax import rules
+from qjax import mesh as mesh_lib, rules
 from qjax.rounding import grid_half
 
 
@@ -127,7 +127,8 @@ def paper_step(W: Any, bits: int, C: float) -> jax.Array:
   bits = rules.check_bits(bits, "bits")
   _check_positive(C, "C")
   W = _check_kernel(W)
-  R = C * jnp.mean(jnp.max(jnp.abs(W.astype(jnp.float32)), axis=0))
+  # The mean over neurons in one order, whatever W's sharding (a mesh run gives the same bits).
+  R = C * jnp.mean(mesh_lib.replicated(jnp.max(jnp.abs(W.astype(jnp.float32)), axis=0)))
   return _checked_step(2.0 * R / (2**bits - 1), "paper_step")
 
 
@@ -154,7 +155,7 @@ def reference_step(W: Any, bits: int, C: float, percentile: float = 1.0) -> jax.
   absw = jnp.abs(W.astype(jnp.float32))
   per_neuron = (jnp.max(absw, axis=0) if percentile == 1.0
                 else jnp.quantile(absw, jnp.float32(percentile), axis=0))
-  return _checked_step(C * jnp.mean(per_neuron) / 2 ** (bits - 1), "reference_step")
+  return _checked_step(C * jnp.mean(mesh_lib.replicated(per_neuron)) / 2 ** (bits - 1), "reference_step")
 
 
 def uniform_step(W: Any, bits: int, C: float = 1.0) -> jax.Array:

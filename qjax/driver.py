@@ -151,6 +151,9 @@ class Report:
       `qjax.with_activation_quant(..., scales=)` and `qjax.export.pack(..., act=)`).
     damp: the damping used by `qjax.qronos` (chosen by its damp search when given; None
       elsewhere); C_search then holds (damp, held-out loss).
+    segment_bytes: with `memory=True` (`qjax.plan_segments`), (segment, peak bytes per
+      device) of each segment of both streams, from XLA's compiled memory analysis on the
+      inputs' shardings (arguments + outputs + temporaries - aliased); empty otherwise.
   """
   method: str
   rule: str | None
@@ -165,6 +168,7 @@ class Report:
   other_params: tuple[tuple[str, str], ...] = ()
   act_scales: Mapping[str, Any] | None = None
   damp: float | None = None
+  segment_bytes: tuple[tuple[str, int], ...] = ()
 
   def __str__(self) -> str:
     return format_report(self)
@@ -307,21 +311,43 @@ def _keys_str(path) -> str:
   return "/".join(rules.key_name(k) for k in path)
 
 
+def _nonfinite(leaves: Sequence[Any]) -> list[int]:
+  """NaN/Inf count of each float leaf (0 for the others). A jax.Array is reduced on its own
+  devices and only the scalar is fetched: a global array split over hosts (multi-host) cannot
+  be read whole with np.asarray, but a reduction's replicated scalar is addressable
+  everywhere (and nothing is copied to the host). The count runs only when the all-finite
+  check fails."""
+  ok = []
+  for leaf in leaves:
+    dtype = getattr(leaf, "dtype", None)  # not `or`: a dtype's len() is 0
+    dtype = np.asarray(leaf).dtype if dtype is None else dtype
+    if not jnp.issubdtype(dtype, jnp.inexact):  # jnp's: bfloat16 is inexact too
+      ok.append(True)
+    elif isinstance(leaf, jax.Array):
+      ok.append(jnp.isfinite(leaf).all())
+    else:
+      ok.append(bool(np.isfinite(np.asarray(leaf)).all()))
+  ok = jax.device_get(ok)
+  return [0 if good else int(jnp.sum(~jnp.isfinite(leaf)) if isinstance(leaf, jax.Array)
+                             else (~np.isfinite(np.asarray(leaf))).sum())
+          for leaf, good in zip(leaves, ok)]
+
+
 def check_finite(params: PyTree, batches: Sequence[PyTree]) -> None:
   """ValueError naming the leaf when params or a batch holds NaN/Inf."""
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    arr = np.asarray(leaf)
-    if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+  flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  for (path, _), bad in zip(flat, _nonfinite([leaf for _, leaf in flat])):
+    if bad:
       raise ValueError(f"layer {rules.path_name(program_lib.strip_value(path))!r}: "
-                       f"{_keys_str(path)} contains {int((~np.isfinite(arr)).sum())} NaN/Inf "
+                       f"{_keys_str(path)} contains {bad} NaN/Inf "
                        "values; quantize a model with finite weights")
   for i, batch in enumerate(batches):
-    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
-      arr = np.asarray(leaf)
-      if np.issubdtype(arr.dtype, np.inexact) and not np.isfinite(arr).all():
+    flat = jax.tree_util.tree_flatten_with_path(batch)[0]
+    for (path, _), bad in zip(flat, _nonfinite([leaf for _, leaf in flat])):
+      if bad:
         where = _keys_str(path) or "the batch array"
         which = f" {i}" if len(batches) > 1 else ""
-        raise ValueError(f"batch{which} contains {int((~np.isfinite(arr)).sum())} NaN/Inf "
+        raise ValueError(f"batch{which} contains {bad} NaN/Inf "
                          f"values (in {where}); calibration data must be finite")
 
 
@@ -574,6 +600,13 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: t
   return (*fns, ins, outs)
 
 
+def _peak_bytes(fn, *args) -> int:
+  """Peak bytes per device XLA plans for the jitted `fn(*args)` (compiled, not run)."""
+  m = fn.lower(*args).compile().memory_analysis()
+  return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+             - m.alias_size_in_bytes)
+
+
 def _ready(eqn, env: dict) -> bool:
   """Every operand of `eqn` has a value in `env`."""
   return all(isinstance(v, jcore.Literal) or v in env for v in eqn.invars)
@@ -632,8 +665,9 @@ class _Lockstep:
   def __init__(self, prep: Prepared, steps: Sequence[_Step], quantize_layer: QuantizeLayer,
                *, key: jax.Array, patch_p: float, patch_stride: str,
                bias_correction: bool, progress: Any, act: Any = None,
-               act_scales: Mapping[str, Any] | None = None):
+               act_scales: Mapping[str, Any] | None = None, memory: bool = False):
     self.prep, self.program = prep, prep.program
+    self.segment_memory = [] if memory else None  # (label, bytes) per segment run
     # Activation quantization: {stop index: ActSpec}; the quantized stream's input of those
     # stops is fake-quantized (`act_x`: per batch, for the stop being handled).
     self.act = activations.resolve(act, self.program)
@@ -683,6 +717,7 @@ class _Lockstep:
     if not self.pending:
       return
     start = time.perf_counter()
+    # Scalars of jitted reductions: replicated, so readable on every host of a multi-host run.
     fetched = jax.device_get({i: res for i, (res, _) in self.pending.items()})
     spent = time.perf_counter() - start
     self.error_seconds += spent
@@ -777,9 +812,12 @@ class _Lockstep:
     single, pair, ins, outs = _segment(self.program, jaxpr, start, stop,
                                        tuple(var for _, var in errs))
     residuals = []
-    for env_f, env_q in zip(envs_f, envs_q):
+    for b, (env_f, env_q) in enumerate(zip(envs_f, envs_q)):
       args_f = [env_f[v] for v in ins]
       args_q = [env_q[v] for v in ins]
+      if self.segment_memory is not None and b == 0:  # both streams, as a real run has them
+        self.segment_memory.append((f"{len(self.stack) - 1}:{start}-{stop}",
+                                    _peak_bytes(pair, args_f, args_q)))
       if not errs and all(a is b for a, b in zip(args_f, args_q)):
         vals_f = vals_q = single(*args_f)
       else:
@@ -927,7 +965,7 @@ class _Lockstep:
       if getattr(Q, "shape", None) != W.shape:
         raise ValueError(f"layer {op.name!r}: quantize_layer returned shape "
                          f"{getattr(Q, 'shape', None)}, expected W's {W.shape}")
-      if not bool(jnp.isfinite(Q).all()):
+      if not bool(jnp.isfinite(Q).all()):  # reduced on the devices: a replicated scalar
         raise ValueError(f"layer {op.name!r}: the quantized weights contain NaN or Inf (max |W| "
                          f"= {float(jnp.max(jnp.abs(W))):.3g}): the weights or the layer's "
                          "inputs are too large for float32; rescale them")
@@ -1004,7 +1042,8 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
             bias_correction: bool = False, patch_p: float = 1.0,
             patch_stride: str = "kernel", key: jax.Array | None = None,
             progress: bool = False, method: str = "custom", act: Any = None,
-            act_scales: Mapping[str, Any] | None = None) -> tuple[PyTree, Report]:
+            act_scales: Mapping[str, Any] | None = None,
+            memory: bool = False) -> tuple[PyTree, Report]:
   """One lockstep run on a prepared program (see `run`)."""
   start = time.perf_counter()
   steps = plan_steps(prep.program, bits, skip, last_layer_float)
@@ -1012,7 +1051,7 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
   lock = _Lockstep(prep, steps, quantize_layer, key=jax.random.key(0) if key is None else key,
                    patch_p=patch_p, patch_stride=patch_stride,
                    bias_correction=bias_correction, progress=bar, act=act,
-                   act_scales=act_scales)
+                   act_scales=act_scales, memory=memory)
   lock.run()
   bar.close()
   records = []
@@ -1029,8 +1068,24 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
                   quantizer_seconds=lock.quantizer_seconds, error_seconds=lock.error_seconds,
                   other_params=_other_params(prep.program),
                   act_scales={k: v for k, v in lock.act_scales.items()} if any(
-                      not s.dynamic for s in lock.act.values()) else None)
+                      not s.dynamic for s in lock.act.values()) else None,
+                  segment_bytes=tuple(lock.segment_memory or ()))
   return params_out(prep, lock.store), report
+
+
+def plan_segments(params: PyTree, apply_fn: Callable, batch: Any,
+                  **options) -> list[tuple[str, int]]:
+  """(segment, peak bytes per device) of every segment the driver runs, both streams together,
+  from XLA's compiled memory analysis on the inputs' shardings (`qjax.mesh.shard_params` /
+  `shard_batch`): check that a model fits before a long run. A dry run: the driver walks the
+  program with Q = W at every layer (no quantizer; the forward passes and compiles only). A
+  label is 'frame:first-last eqn'; the bytes count the weights and activations the segment
+  reads, writes and holds, not the params resident elsewhere (`qjax.mesh.per_device_bytes`).
+  `options` go to `run` (skip, apply_kwargs, ...).
+  """
+  _, report = run(params, apply_fn, batch, lambda name, W, chunks, info: W, memory=True,
+                  **options)
+  return list(report.segment_bytes)
 
 
 def check_options(patch_p: float, patch_stride: str, key: Any) -> None:
@@ -1047,7 +1102,8 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
         bias_correction: bool = False, patch_p: float = 1.0, patch_stride: str = "kernel",
         key: jax.Array | None = None, apply_kwargs: Mapping[str, Any] | None = None,
         progress: bool = False, method: str = "custom", act: Any = None,
-        act_scales: Mapping[str, Any] | None = None) -> tuple[PyTree, Report]:
+        act_scales: Mapping[str, Any] | None = None,
+        memory: bool = False) -> tuple[PyTree, Report]:
   """Quantize every weight op of `apply_fn(params, batch)` in one lockstep pass.
 
   Args:
@@ -1075,6 +1131,8 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
       half) is the quantized input the deployed W?A? network sees; static specs are calibrated
       on the quantized stream (`Report.act_scales`) unless `act_scales` gives them.
     act_scales: static activation scales by layer name (`qjax.calibrate_activations`).
+    memory: also compile each segment's two-stream function once more for XLA's memory
+      analysis (`Report.segment_bytes`; `plan_segments`).
 
   Returns:
     (quantized params, `Report`).
@@ -1084,4 +1142,5 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
   prep = prepare(params, apply_fn, batch, apply_kwargs)
   return execute(prep, quantize_layer, bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method=method, act=act, act_scales=act_scales)
+                 key=key, progress=progress, method=method, act=act, act_scales=act_scales,
+                 memory=memory)

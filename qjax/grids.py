@@ -52,6 +52,7 @@ import numpy as np
 from flax import struct
 
 from qjax import alphabets
+from qjax import mesh as mesh_lib
 from qjax import rules
 from qjax import views as views_lib
 
@@ -469,7 +470,7 @@ def quantize_rtn(params: Any, spec: Any, *, mask: Any = None,
       except ValueError as e:
         raise ValueError(f"{layer}: {e}") from None
       fitted.add(layer, grid, view)
-    out.append(new)
+    out.append(mesh_lib.keep_shardings(leaf, new))  # a leaf on a mesh comes back placed the same
   return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), fitted
 
 

@@ -11,15 +11,19 @@ input's shardings (`keep_shardings`).
 
 `memory_plan` estimates the bytes per device before a long run (weights of both streams, the
 largest layer's Hessian, the activations of both streams at the widest stop); `compiled_bytes`
-reads XLA's compiled memory analysis of a jitted function on the real shardings.
+reads XLA's compiled memory analysis of a jitted function on the real shardings, and
+`qjax.plan_segments` that of every segment of a driver run (a dry run, Q = W).
 
-Multi-host: the same calls work on global arrays after `jax.distributed.initialize()` (build them
-with `jax.make_array_from_process_local_data`); the driver's checks read addressable shards only
-through `jax.device_get` of fully replicated values. Not tested here (one host).
+Multi-host: the same calls should work on global arrays after `jax.distributed.initialize()`
+(build them with `jax.make_array_from_process_local_data`): the driver path reads no split array
+to the host (the finite checks, errors and alphabets reduce on the devices and fetch replicated
+scalars; resharding is a jitted identity, `reshard`). tests/test_mesh.py checks this on one host
+by making every host read of a split array raise; a real multi-host run is not tested.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -109,9 +113,39 @@ def keep_shardings(reference: PyTree, out: PyTree) -> PyTree:
   for r, o in zip(ref_leaves, out_leaves):
     s = getattr(r, "sharding", None)
     if isinstance(s, NamedSharding) and hasattr(o, "shape") and getattr(o, "sharding", None) != s:
-      o = jax.device_put(o, s)
+      o = reshard(o, s) if isinstance(o, jax.Array) else jax.device_put(o, s)
     placed.append(o)
   return jax.tree_util.tree_unflatten(treedef, placed)
+
+
+def replicated(x: Any) -> Any:
+  """`x` placed whole on every device of its mesh when it is a jax.Array split over one (else
+  `x` itself, and tracers untouched): a reduction over the result runs in the one-device order
+  on every device, so a mean over a sharded vector gives the one-device bits (a split sum adds
+  per-device partial sums, 1 ulp off). For small vectors (per-neuron statistics) only."""
+  if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+    return x
+  s = x.sharding
+  if isinstance(s, NamedSharding) and not s.is_fully_replicated:
+    return reshard(x, NamedSharding(s.mesh, P()))
+  return x
+
+
+@functools.lru_cache(maxsize=None)
+def _identity_to(sharding: NamedSharding) -> Callable:
+  return jax.jit(lambda a: a, out_shardings=sharding)
+
+
+def reshard(x: jax.Array, sharding: NamedSharding) -> jax.Array:
+  """`x` placed with `sharding`, on the devices: a jitted identity (XLA's collectives) when `x`
+  is split over several devices, so no host reads it (an eager device_put between two
+  shardings of one host's devices copies through host memory; a global multi-host array cannot
+  be read at all), else `jax.device_put`. Bits are unchanged."""
+  if x.sharding == sharding:
+    return x
+  if len(x.sharding.device_set) > 1 and not x.is_fully_replicated:
+    return _identity_to(sharding)(x)
+  return jax.device_put(x, sharding)
 
 
 def per_device_bytes(tree: PyTree) -> int:

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec as P
 
+from qjax import mesh as mesh_lib
 from qjax._gpfq import kernels
 
 AnyMesh = Mesh | AbstractMesh
@@ -108,6 +109,8 @@ def _placer(mesh: AnyMesh, dtype) -> Callable[[Any, P], Any]:
       return jax.reshard(a, NamedSharding(mesh, spec)) if explicit else a
     if dtype is not None:
       a = a.astype(dtype, copy=False) if isinstance(a, np.ndarray) else jnp.asarray(a).astype(dtype)
+    if isinstance(a, jax.Array):  # already on devices: reshard there (no host copy)
+      return mesh_lib.reshard(a, NamedSharding(mesh, spec))
     return jax.device_put(a, NamedSharding(mesh, spec))
 
   return place
