@@ -439,6 +439,8 @@ def test_seeds_must_be_distinct_ints():
     main_lib.validate_config(config)
   config.seeds = (5,)
   main_lib.validate_config(config)
+  config.seed, config.seeds = 0, (1,)  # `--config.seeds=1` alone: seed keeps its default 0
+  main_lib.validate_config(config)
 
 
 def test_constraints_file_pins_what_the_readme_installs():

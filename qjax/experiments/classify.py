@@ -78,7 +78,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not all(isinstance(x, int) and not isinstance(x, bool) for x in seeds) or (
       len(set(seeds)) != len(seeds)):
     raise ValueError(f"config.seeds must be distinct ints, got {seeds!r}")
-  if seeds and config.seed != seeds[0]:  # else --config.seed=5 would be silently ignored
+  # A --config.seed=5 beside config.seeds would be silently ignored (0 is the default: fine).
+  if seeds and config.seed not in (0, seeds[0]):
     raise ValueError(f"config.seed={config.seed!r} conflicts with config.seeds={tuple(seeds)!r}: "
                      "the rows are run over config.seeds; for one run with seed N pass "
                      "--config.seeds=N")
