@@ -4,6 +4,7 @@ Speeds are not asserted (they live in the benchmarks, not in tests); the memory 
 are: streamed GPFQ stays under 1 GiB resident, and sharded GPFQ gives the one-device Q.
 """
 import ast
+import importlib.util
 import json
 import os
 import pathlib
@@ -72,3 +73,37 @@ def test_gpfq_sharded_benchmark(tmp_path):
   sharded = [row for row in result["rows"] if row["mesh"] != "1 device"]
   assert len(sharded) == 6
   assert all(row["differ"]["entries"] == 0 for row in sharded), sharded
+
+
+def test_scaling_estimate(tmp_path, monkeypatch):
+  spec = importlib.util.spec_from_file_location("scaling_estimate",
+                                                BENCHMARKS / "scaling_estimate.py")
+  module = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, spec.name, module)  # its dataclasses look their module up
+  spec.loader.exec_module(module)
+  returned = module.main(["--out", str(tmp_path / "e.json"), "--md", str(tmp_path / "e.md")])
+  result = json.loads((tmp_path / "e.json").read_text())
+  assert result == json.loads(json.dumps(returned))
+  # The committed markdown is this script's output (regenerate it when the model changes).
+  assert (tmp_path / "e.md").read_text() == (BENCHMARKS / "scaling_estimate.md").read_text()
+  slices = {m: r["slices"] for m, r in result.items()}
+  assert any(e["fits"] for e in slices["7B"]["v5e-8"]["meshes"])
+  assert not any(e["fits"] for e in slices["70B"]["v5p-8"]["meshes"])
+  assert slices["70B"]["v5p-8"]["meshes"][0]["grams_bytes"] == 2 * 28672**2 * 4  # H, G of down
+  for model, per_slice in slices.items():
+    for name, s in per_slice.items():
+      meshes = s["meshes"]
+      assert [e["data"] * e["model"] for e in meshes] == [s["chips"]] * len(meshes)
+      assert {1, s["chips"]} <= {e["data"] for e in meshes}, (model, name)
+      assert s["best"] == min(meshes, key=lambda e: e["total_bytes"])["data"]
+      for e in meshes:
+        assert e["total_bytes"] == e["weights_bytes"] + e["activations_bytes"] + e["grams_bytes"]
+        assert e["fits"] == (e["total_bytes"] < 0.9 * s["hbm_gib"] * 2**30)
+        assert e["minutes"] == pytest.approx(e["kernel_minutes"] + e["forward_minutes"])
+      for a, b in zip(meshes, meshes[1:]):  # data doubles, so model halves
+        assert b["data"] == 2 * a["data"]
+        assert b["weights_bytes"] == pytest.approx(2 * a["weights_bytes"], rel=1e-9)
+        assert a["activations_bytes"] == pytest.approx(2 * b["activations_bytes"], rel=1e-9)
+    # The forwards split over every chip: 8x the chips, an eighth of the minutes.
+    assert per_slice["v5e-64"]["meshes"][0]["forward_minutes"] == pytest.approx(
+        per_slice["v5e-8"]["meshes"][0]["forward_minutes"] / 8)
