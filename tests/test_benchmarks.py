@@ -90,6 +90,14 @@ def test_scaling_estimate(tmp_path, monkeypatch):
   assert any(e["fits"] for e in slices["7B"]["v5e-8"]["meshes"])
   assert not any(e["fits"] for e in slices["70B"]["v5p-8"]["meshes"])
   assert slices["70B"]["v5p-8"]["meshes"][0]["grams_bytes"] == 2 * 28672**2 * 4  # H, G of down
+  # 7B `down` (11,008 x 4,096) takes the data form: on (2, 4) one all-reduce over the data axis
+  # per block of 128 inputs, of its two 128 x 128 block Grams and the 128 x 1,024 projections.
+  down = next(e for e in slices["7B"]["v5e-8"]["meshes"] if e["data"] == 2)
+  assert down["forms"]["down"] == "scan" and down["widest_stop"] == "down"
+  assert down["reduces_per_widest_stop"] == 86
+  assert down["reduce_bytes_widest_stop"] == 4 * (2 * 128 * 128 + 128 * 4096 // 4)
+  assert next(e for e in slices["7B"]["v5e-8"]["meshes"]
+              if e["data"] == 1)["reduces_per_widest_stop"] == 0  # no data axis to sum over
   for model, per_slice in slices.items():
     for name, s in per_slice.items():
       meshes = s["meshes"]
