@@ -24,7 +24,8 @@ Training transformations (optax): `psgd` (position-based scaled gradient, Kim et
 `basis`, `ste`, `prune` and the pipeline `qjax.alq.run`).
 
 Modules: `alphabets` (GPFQ's alphabets and scalar quantizers), `grids` (per tensor / channel /
-group grids), `views` (matrix views of the kernels), `export` (integer codes, orbax I/O), `mesh`
+group grids), `rtn` (`quantize_rtn`, and `rtn_quantizer`: the same rounding as a driver
+quantizer), `views` (matrix views of the kernels), `export` (integer codes, orbax I/O), `mesh`
 (params and data on a device mesh; `plan_segments` compiles the driver's segments without
 quantizing and gives each one's peak bytes per device); `sparsity` reports the fraction of zero
 weights.
@@ -39,7 +40,8 @@ from qjax import export
 from qjax import grids
 from qjax import views
 from qjax import mesh
-from qjax.grids import quantize_rtn
+from qjax import rtn
+from qjax.rtn import quantize_rtn
 from qjax.driver import plan_segments
 from qjax._gptq import gptq, gptq_layer
 from qjax.activations import ActSpec, with_activation_quant
@@ -56,6 +58,6 @@ __all__ = [
     "ActSpec", "calibrate_activations", "with_activation_quant",
     # a dry run: each driver segment's compiled peak bytes per device
     "plan_segments",
-    # modules: training transformations, grids and alphabets, export, device meshes
-    "psgd", "alq", "alphabets", "grids", "views", "export", "mesh",
+    # modules: training transformations, grids and alphabets, RTN, export, device meshes
+    "psgd", "alq", "alphabets", "grids", "rtn", "views", "export", "mesh",
 ]

@@ -349,7 +349,7 @@ def pack(params: PyTree, targets: Mapping[str, Any], *,
   'block1/Conv_0') by its `Packed` codes; other leaves stay as they are.
 
   Args:
-    params: quantized params (e.g. from `qjax.gptq`, `qjax.grids.quantize_rtn`, `qjax.gpfq`).
+    params: quantized params (e.g. from `qjax.gptq`, `qjax.quantize_rtn`, `qjax.gpfq`).
     targets: {layer name: Grid or 1-D alphabet} for the quantized leaves: the `return_grids`
       output of `qjax.gptq` / `qjax.gpfq` / `qjax.quantize_msq` or the targets of
       `qjax.quantize_rtn` (a `qjax.views.Targets`, whose views are used), or a plain dict.

@@ -2,15 +2,17 @@
 
 The grids that post-training quantization of large models uses today (GPTQ, Frantar et al.,
 ICLR 2023, Sec. 3 and its reference code), next to the per-layer alphabets of the GPFQ paper
-(`qjax.alphabets`, which stay the default of `qjax.gpfq`).
+(`qjax.alphabets`, which stay the default of `qjax.gpfq`). This module is the grid maths only
+(specs, fitting, scales, codes, checks); what rounds onto the grids lives with its method: RTN in
+`qjax.rtn`, GPFQ's rounders in `qjax._gpfq.rounders`, GPTQ in `qjax._gptq`.
 
 A kernel is a matrix W (N0 inputs, N1 neurons) in Flax layout; a neuron is a column. Which entries
 of a parameter leaf form that matrix is its view (`qjax.views`): by default `as_matrix`,
 W.reshape(-1, W.shape[-1]) (a conv kernel (kh, kw, Cin, Cout) with rows in HWIO order); the
 driver's quantizers (`qjax.gptq`, `qjax.gpfq`) use each weight op's own matrix (a conv's rows
 channel-major (Cin, kh, kw), a DenseGeneral (in, heads, head_dim) kernel as (in, heads*head_dim),
-...), which `quantize_rtn(..., views=qjax.views.kernel_views(...))` uses too. Group granularity
-groups consecutive rows of the matrix. The rows are split into G groups
+...), which `qjax.quantize_rtn(..., views=qjax.views.kernel_views(...))` uses too. Group
+granularity groups consecutive rows of the matrix. The rows are split into G groups
 of `group_size` = g consecutive inputs (one group of all N0 rows for per-channel and per-tensor
 grids), and every (group k, neuron j) has its own grid
 
@@ -44,23 +46,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from qjax import alphabets
-from qjax import mesh as mesh_lib
 from qjax import rules
-from qjax import views as views_lib
 
 Granularity = Literal["tensor", "channel", "group"]
 ScaleMethod = Literal["max", "mse"]
 
-__all__ = ["Grid", "GridSpec", "fit", "make", "as_matrix", "quantize_rtn", "rounder",
-           "GridRounder", "AlphabetRounder", "QUANTIZERS"]
+__all__ = ["Grid", "GridSpec", "fit", "make", "as_matrix"]
 
 
 def _check_bits(bits: Any, name: str = "bits") -> int:
@@ -194,11 +192,6 @@ class Grid:
     """(G, N1, 2^b) float32: every level of every (group, neuron) grid, ascending."""
     c = jnp.arange(2**self.bits, dtype=jnp.float32).reshape(1, 1, -1)
     return dequantize(c, self.scale[..., None], self.zero[..., None])
-
-  def rounder(self, N0: int, **kwargs) -> "GridRounder":
-    """A GPFQ rounder: row t of neuron j rounded onto the grid of (group of t, j); kwargs as
-    `qjax.grids.rounder` (quantizer, key, lambda_)."""
-    return rounder(self, N0, self.scale.shape[1], **kwargs)
 
 
 def make(scale: Any, zero: Any, *, bits: int, symmetric: bool = True,
@@ -394,225 +387,3 @@ def fit(W: Any, spec: GridSpec | None = None, **kwargs) -> Grid:
   return Grid(s.astype(jnp.float32), z.astype(jnp.float32), bits=spec.bits,
               symmetric=spec.symmetric, group_size=spec.group_size,
               per_tensor=spec.granularity == "tensor")
-
-
-# ------------------------------------------------------------------------------------------------
-# RTN / MSQ on grids for a whole params tree.
-
-
-def quantize_rtn(params: Any, spec: Any, *, mask: Any = None,
-                 views: Mapping[str, Any] | None = None) -> tuple[Any, "views_lib.Targets"]:
-  """Round every kernel to the nearest level of its grid: RTN, no data.
-
-  On a grid, MSQ (the memoryless scalar quantizer of the GPFQ paper, Eq. 5, applied to W alone)
-  is exactly this rounding, so this is both the RTN and the MSQ baseline on the grids that
-  `qjax.gptq_layer` and GPFQ with a grid rounder use (same `GridSpec` and same matrix -> same
-  levels).
-
-  Args:
-    params: a pytree of arrays (e.g. flax params).
-    spec: a `GridSpec` for every layer, or rules {regex: GridSpec or None} (`qjax.rules`:
-      first `re.search` match on the layer name wins, 'default' key; None leaves it float).
-    mask: pytree of bools marking the kernels (default: leaves named 'kernel').
-    views: {layer name: `qjax.views.View` or (N0, N1) index map}: the matrix each kernel is
-      fitted and rounded on. Default: `as_matrix` of each leaf. Pass
-      `qjax.views.kernel_views(params, apply_fn, batch)` to use the matrices `qjax.gptq` and
-      `qjax.gpfq` quantize (conv rows channel-major, DenseGeneral / Einsum / attend layouts), so
-      every method rounds onto identical levels. A scan-stacked leaf with views 'name[i]' gets
-      one grid per slice (the layer names the spec rules see). Views of leaves outside `mask`
-      are ignored.
-
-  Returns:
-    (params with kernels rounded, `qjax.views.Targets` {layer name: Grid} with the views) —
-    the targets for `qjax.export.pack`.
-
-  Raises:
-    ValueError naming the layer: a view that names no parameter, does not fit its leaf, or
-    overlaps another view of the same leaf; a grid that cannot be fitted.
-  """
-  from qjax import rounding  # imported here: rounding imports nothing of ours
-
-  def check(value, where):
-    if value is not None and not isinstance(value, GridSpec):
-      raise TypeError(f"{where} must be a qjax.grids.GridSpec or None, got {value!r}")
-    return value
-
-  if mask is None:
-    mask = rounding.kernel_mask(params)
-  flat = jax.tree_util.tree_leaves_with_path(params)
-  marks = jax.tree_util.tree_leaves(mask)
-  if len(marks) != len(flat):
-    raise ValueError(f"mask must have the structure of params ({len(flat)} leaves), got "
-                     f"{len(marks)} leaves")
-  leaf_names = [rules.path_name(p) for p, _ in flat]
-  # leaf name -> [(layer name, view)]: one layer per leaf, or one per scan slice.
-  layers = views_lib.layers_of(views, {n: np.shape(x) for n, (_, x) in zip(leaf_names, flat)})
-  names = [layer for name, m in zip(leaf_names, marks) if m
-           for layer, _ in layers.get(name, [(name, None)])]
-  specs = rules.resolve(spec, names, what="spec", check_value=check)
-  out, fitted = [], views_lib.Targets()
-  for name, (_, leaf), m in zip(leaf_names, flat, marks):
-    if not m:
-      out.append(leaf)
-      continue
-    new = leaf
-    for layer, view in layers.get(name, [(name, None)]):
-      if specs[layer] is None:
-        continue
-      try:
-        if view is None:  # the default matrix: fit and round the kernel itself
-          grid = fit(leaf, specs[layer])
-          new = grid.round(leaf)
-        else:
-          M = views_lib.matrix(leaf, view)
-          grid = fit(M, specs[layer])
-          new = views_lib.put(new, view, grid.round(M))
-      except ValueError as e:
-        raise ValueError(f"{layer}: {e}") from None
-      fitted.add(layer, grid, view)
-    out.append(mesh_lib.keep_shardings(leaf, new))  # a leaf on a mesh comes back placed the same
-  return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(params), out), fitted
-
-
-# ------------------------------------------------------------------------------------------------
-# Rounders for GPFQ (the protocol of qjax._gpfq.kernels): row t of neuron j rounded onto the grid
-# of (group of t, j), by one of the quantizers of qjax.alphabets.
-
-QUANTIZERS = ("msq", "stochastic", "hard_threshold", "soft_threshold")
-
-
-def _threshold(z: jax.Array, quantizer: str, lam: Any) -> jax.Array:
-  """The sparsity step of `alphabets.hard_threshold_msq` / `soft_threshold_msq`."""
-  if quantizer == "hard_threshold":
-    return jnp.where(jnp.abs(z) > lam, z, jnp.zeros_like(z))
-  if quantizer == "soft_threshold":
-    return jnp.sign(z) * jnp.maximum(jnp.abs(z) - lam, 0.0)
-  return z
-
-
-def _stochastic(keys: jax.Array, z: jax.Array, levels: jax.Array, t: Any) -> jax.Array:
-  """`alphabets.stochastic_msq` per neuron with its own key folded with t: the draws of neuron
-  j depend only on (key j, t), so Q does not depend on how the neurons are sharded."""
-  draw = lambda k, zj, lv: alphabets.stochastic_msq(jax.random.fold_in(k, t), zj, lv)  # noqa
-  if levels.ndim == 1:
-    return jax.vmap(draw, in_axes=(0, 0, None))(keys[0], z, levels)
-  return jax.vmap(draw)(keys[0], z, levels)
-
-
-@struct.dataclass
-class GridRounder:
-  """GPFQ's Q_t on a grid: row t of neuron j onto the grid of (group of t, neuron j).
-
-  quantizer "msq": nearest level (Eq. 5 of the GPFQ paper on that grid); "stochastic": SPFQ's
-  unbiased random rounding between the two neighbouring levels (`alphabets.stochastic_msq`, one
-  key per neuron); "hard_threshold" / "soft_threshold": the argument thresholded by `threshold`
-  (L0 / L1, the sparse GPFQ of the authors' code) and then rounded to the nearest level.
-  """
-  scale: jax.Array  # (G, N1) per-neuron
-  zero: jax.Array  # (G, N1) per-neuron
-  group: jax.Array  # (N0,) int32, shared: the group of each input row
-  keys: Any = None  # (1, N1) typed keys, per-neuron (stochastic only)
-  threshold: Any = 0.0  # shared scalar lambda (thresholding only)
-  maxq: int = struct.field(pytree_node=False, default=1)
-  quantizer: str = struct.field(pytree_node=False, default="msq")
-
-  @classmethod
-  def from_grid(cls, grid: Grid, N0: int, **kwargs) -> "GridRounder":
-    if grid.group_size is not None and grid.num_groups != -(-N0 // grid.group_size):
-      raise ValueError(f"grid does not fit N0={N0}: group_size={grid.group_size} needs "
-                       f"{-(-N0 // grid.group_size)} groups, the grid has {grid.num_groups}")
-    return cls(grid.scale, grid.zero, jnp.asarray(grid.group_index(N0)), maxq=grid.maxq,
-               **kwargs)
-
-  def round_row(self, z: jax.Array, t: Any) -> jax.Array:
-    k = self.group[t]
-    s, zr = self.scale[k], self.zero[k]
-    if self.quantizer == "stochastic":
-      c = jnp.arange(self.maxq + 1, dtype=s.dtype)[None, :]
-      return _stochastic(self.keys, z, dequantize(c, s[:, None], zr[:, None]), t)
-    return round_to(_threshold(z, self.quantizer, self.threshold), s, zr, self.maxq)
-
-  def round(self, Z: jax.Array) -> jax.Array:
-    """Nearest-level rounding of a whole (N0, N1) matrix (RTN on this grid)."""
-    return round_to(Z, self.scale[self.group], self.zero[self.group], self.maxq)
-
-
-@struct.dataclass
-class AlphabetRounder:
-  """GPFQ's Q_t on one sorted 1-D alphabet (the paper's per-layer alphabets) with a choice of
-  quantizer: `alphabets.msq`, `stochastic_msq` (one key per neuron), `hard_threshold_msq`,
-  `soft_threshold_msq`."""
-  levels: jax.Array  # (L,) sorted, shared
-  keys: Any = None  # (1, N1) typed keys, per-neuron (stochastic only)
-  threshold: Any = 0.0  # shared scalar lambda
-  quantizer: str = struct.field(pytree_node=False, default="msq")
-
-  def round_row(self, z: jax.Array, t: Any) -> jax.Array:
-    if self.quantizer == "stochastic":
-      return _stochastic(self.keys, z, self.levels, t)
-    if self.quantizer == "hard_threshold":
-      return alphabets.hard_threshold_msq(z, self.levels, self.threshold)
-    if self.quantizer == "soft_threshold":
-      return alphabets.soft_threshold_msq(z, self.levels, self.threshold)
-    return alphabets.msq(z, self.levels)
-
-  def round(self, Z: jax.Array) -> jax.Array:
-    return alphabets.msq(Z, self.levels)
-
-
-def rounder(target: Any, N0: int, N1: int, *, quantizer: str = "msq", key: Any = None,
-            lambda_: Any = None) -> GridRounder | AlphabetRounder:
-  """A GPFQ rounder (`qjax.gpfq_layer(W, X, X_tilde, rounder)`) for a grid or an alphabet.
-
-  Args:
-    target: a fitted `Grid` for the (N0, N1) kernel, or a 1-D alphabet (`qjax.alphabets`).
-    N0, N1: the kernel's shape.
-    quantizer: "msq" | "stochastic" (needs `key`) | "hard_threshold" | "soft_threshold" (need
-      `lambda_` >= 0, in the units of the weights).
-    key: a jax.random key; split into one key per neuron.
-    lambda_: the threshold.
-  """
-  if quantizer not in QUANTIZERS:
-    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
-  kwargs: dict[str, Any] = dict(quantizer=quantizer)
-  if quantizer == "stochastic":
-    if key is None:
-      raise ValueError("quantizer='stochastic' needs a key")
-    kwargs["keys"] = jax.random.split(key, N1).reshape(1, N1)
-  elif key is not None:
-    raise ValueError(f"key is only used with quantizer='stochastic', got quantizer={quantizer!r}")
-  if quantizer.endswith("threshold"):
-    if lambda_ is None or not (np.isfinite(lambda_) and float(lambda_) >= 0):
-      raise ValueError(f"quantizer={quantizer!r} needs lambda_ >= 0, got {lambda_!r}")
-    kwargs["threshold"] = jnp.float32(lambda_)
-  elif lambda_ is not None:
-    raise ValueError(f"lambda_ is only used with the thresholding quantizers, got "
-                     f"quantizer={quantizer!r}")
-  if isinstance(target, Grid):
-    if target.scale.shape[1] != N1:
-      raise ValueError(f"grid does not fit N1={N1}: scale shape {target.scale.shape}")
-    return GridRounder.from_grid(target, N0, **kwargs)
-  levels = jnp.asarray(target, jnp.float32)
-  if levels.ndim != 1 or levels.shape[0] == 0:
-    raise ValueError(f"target must be a Grid or a non-empty 1-D alphabet, got shape "
-                     f"{levels.shape}")
-  return AlphabetRounder(jnp.sort(levels), **kwargs)
-
-
-# ------------------------------------------------------------------------------------------------
-# GPFQ and RTN on grids for the one-pass driver (qjax.driver.run), beside qjax.gptq.
-
-
-def rtn_quantizer(spec: GridSpec):
-  """RTN as a `qjax.driver.run` quantize_layer: each layer's matrix (the driver's view, as
-  `quantize_rtn(..., views=qjax.views.kernel_views(...))` rounds it) onto the grid of `spec`
-  (bits from the driver's `bits` rules when given). No data is used for the weights; with the
-  driver's `act=` the pass also calibrates static activation scales on the quantized stream."""
-  if not isinstance(spec, GridSpec):
-    raise TypeError(f"spec must be a qjax.grids.GridSpec, got {type(spec).__name__}")
-
-  def quantize_layer(name, W, chunks, info):
-    del name, chunks
-    s = spec if info.bits is None else dataclasses.replace(spec, bits=info.bits)
-    return fit(W, s).round(W)
-  return quantize_layer

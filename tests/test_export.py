@@ -83,7 +83,7 @@ def test_rtn_pack_unpack_save_restore(tmp_path):
   params = _params()
   spec = {"Conv_0": grids.GridSpec(8), "Dense_2": None,
           "default": grids.GridSpec(3, "group", 32, symmetric=False)}
-  q, fitted = grids.quantize_rtn(params, spec)
+  q, fitted = qjax.quantize_rtn(params, spec)
   assert sorted(fitted) == ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
   np.testing.assert_array_equal(q["Dense_2"]["kernel"], params["Dense_2"]["kernel"])
   levels = alphabets.levels_for(params["Dense_2"]["kernel"], 2, 1.0)

@@ -9,6 +9,7 @@ import pytest
 import qjax
 from qjax import alphabets
 from qjax import grids
+from qjax._gpfq import rounders
 
 PC4 = grids.GridSpec(4, "channel")  # per-channel symmetric 4-bit
 
@@ -42,7 +43,7 @@ def test_gpfq_grid_equals_layer_on_own_intermediates():
   params, x = _mlp()
   q, report = qjax.gpfq(params, _apply, x, grid=PC4, progress=False)
   W1, W2 = params["l1"]["kernel"], params["l2"]["kernel"]
-  Q1 = qjax.gpfq_layer(W1, x, None, grids.fit(W1, PC4).rounder(W1.shape[0]))
+  Q1 = qjax.gpfq_layer(W1, x, None, rounders.rounder(grids.fit(W1, PC4), *W1.shape))
   np.testing.assert_array_equal(q["l1"]["kernel"], Q1)
   q1_params = {**params, "l1": {**params["l1"], "kernel": Q1}}
   Q2 = qjax.gpfq_layer(W2, _hidden(params, x), _hidden(q1_params, x), grids.fit(W2, PC4))
@@ -175,8 +176,8 @@ def test_layer_quantizer_matches_rounder():
                           ("hard_threshold", dict(lambda_=0.3)),
                           ("soft_threshold", dict(lambda_=0.3))):
       got = qjax.gpfq_layer(W, X, Xt, target, quantizer=quantizer, **kw)
-      want = qjax.gpfq_layer(W, X, Xt, grids.rounder(target, *W.shape, quantizer=quantizer,
-                                                     **kw))
+      want = qjax.gpfq_layer(W, X, Xt, rounders.rounder(target, *W.shape, quantizer=quantizer,
+                                                        **kw))
       np.testing.assert_array_equal(got, want)
   # msq on an alphabet stays the plain-alphabet path
   np.testing.assert_array_equal(qjax.gpfq_layer(W, X, Xt, lv, quantizer="msq"),
@@ -205,7 +206,7 @@ def test_layer_quantizer_errors():
   with pytest.raises(ValueError, match="lambda_"):
     qjax.gpfq_layer(W, X, None, lv, quantizer="soft_threshold")
   with pytest.raises(ValueError, match="carries its own quantizer"):
-    qjax.gpfq_layer(W, X, None, grids.rounder(lv, *W.shape), quantizer="hard_threshold",
+    qjax.gpfq_layer(W, X, None, rounders.rounder(lv, *W.shape), quantizer="hard_threshold",
                     lambda_=0.1)
   with pytest.raises(ValueError, match="grid does not fit"):
     qjax.gpfq_layer(W, X, None, grids.fit(W[:, :3], PC4))

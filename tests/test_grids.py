@@ -8,6 +8,7 @@ import pytest
 from absl.testing import parameterized
 
 from qjax import grids
+from qjax._gpfq import rounders
 
 
 def _kernel(seed=0, shape=(37, 5)):
@@ -120,7 +121,7 @@ class GridTest(parameterized.TestCase):
   def test_rounder_rounds_row_t_on_its_group(self):
     W = _kernel(7)
     grid = grids.fit(W, bits=3, granularity="group", group_size=8, symmetric=False)
-    rounder = grid.rounder(37)
+    rounder = rounders.rounder(grid, 37, 5)
     np.testing.assert_array_equal(rounder.round(W), grid.round(W))
     rows = jax.vmap(rounder.round_row)(W, jnp.arange(37))
     np.testing.assert_array_equal(rows, grid.round(W))
@@ -163,7 +164,7 @@ class GridTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="group_size"):
       grids.make(jnp.ones((2, 5)), jnp.zeros((2, 5)), bits=4, group_size=0)
     with pytest.raises(ValueError, match="does not fit N0=20"):
-      grids.GridSpec(4, "group", 8).fit(W).rounder(20)
+      rounders.rounder(grids.GridSpec(4, "group", 8).fit(W), 20, 5)
 
 
 def _gpfq_reference(W, X, Xt, levels_of_row):
@@ -198,7 +199,7 @@ class GpfqOnGridsTest(parameterized.TestCase):
     import qjax
     W, X, Xt = _gpfq_problem(1)
     grid = grids.fit(W, bits=3, granularity=gran[0], group_size=gran[1], symmetric=symmetric)
-    Q = qjax.gpfq_layer(W, X, Xt, grid.rounder(45), method=method, block_size=16)
+    Q = qjax.gpfq_layer(W, X, Xt, rounders.rounder(grid, 45, 6), method=method, block_size=16)
     levels = np.asarray(grid.levels())  # (G, N1, 8)
     group = grid.group_index(45)
     Qr = _gpfq_reference(W, X, Xt, lambda t: levels[group[t]])
@@ -211,7 +212,7 @@ class GpfqOnGridsTest(parameterized.TestCase):
     W, X, Xt = _gpfq_problem(2)
     levels = alphabets.levels_for(W, 3, 1.0)
     np.testing.assert_array_equal(
-        qjax.gpfq_layer(W, X, Xt, grids.rounder(levels, 45, 6), method="gram"),
+        qjax.gpfq_layer(W, X, Xt, rounders.rounder(levels, 45, 6), method="gram"),
         qjax.gpfq_layer(W, X, Xt, levels, method="gram"))
 
   @parameterized.parameters("grid", "alphabet")
@@ -222,7 +223,7 @@ class GpfqOnGridsTest(parameterized.TestCase):
            else alphabets.levels_for(W, 2, 1.0))
     z = jnp.array([-0.7, -0.1, 0.05, 0.33, 0.61])
     n = 4000
-    draws = jax.vmap(lambda k: grids.rounder(tgt, 16, 5, quantizer="stochastic", key=k)
+    draws = jax.vmap(lambda k: rounders.rounder(tgt, 16, 5, quantizer="stochastic", key=k)
                      .round_row(z, jnp.int32(3)))(jax.random.split(jax.random.key(0), n))
     if target == "grid":
       lv = np.asarray(tgt.levels())[0]  # (N1, 4)
@@ -239,8 +240,8 @@ class GpfqOnGridsTest(parameterized.TestCase):
     import qjax
     W, X, Xt = _gpfq_problem(4)
     grid = grids.fit(W, bits=3, granularity="group", group_size=8)
-    run = lambda k: qjax.gpfq_layer(W, X, Xt, grid.rounder(45, quantizer="stochastic", key=k),
-                                    method="gram")
+    run = lambda k: qjax.gpfq_layer(
+        W, X, Xt, rounders.rounder(grid, 45, 6, quantizer="stochastic", key=k), method="gram")
     Q1, Q2 = run(jax.random.key(1)), run(jax.random.key(2))
     np.testing.assert_array_equal(grid.round(Q1), Q1)
     np.testing.assert_array_equal(run(jax.random.key(1)), Q1)
@@ -256,8 +257,8 @@ class GpfqOnGridsTest(parameterized.TestCase):
            else alphabets.levels_for(W, 4, 1.0))
     sparsity, error = [], []
     for lam in (0.0, 0.1, 0.3, 0.6, 1.0):
-      Q = qjax.gpfq_layer(W, X, Xt, grids.rounder(tgt, 64, 8, quantizer=quantizer, lambda_=lam),
-                          method="gram")
+      r = rounders.rounder(tgt, 64, 8, quantizer=quantizer, lambda_=lam)
+      Q = qjax.gpfq_layer(W, X, Xt, r, method="gram")
       sparsity.append(float(np.mean(np.asarray(Q) == 0)))
       error.append(float(np.linalg.norm(X @ W - Xt @ Q) / np.linalg.norm(X @ W)))
     assert np.all(np.diff(sparsity) > 0), sparsity
@@ -267,17 +268,17 @@ class GpfqOnGridsTest(parameterized.TestCase):
     W = _kernel(6, (16, 5))
     grid = grids.fit(W, bits=3)
     with pytest.raises(ValueError, match="quantizer must be one of"):
-      grids.rounder(grid, 16, 5, quantizer="nearest")
+      rounders.rounder(grid, 16, 5, quantizer="nearest")
     with pytest.raises(ValueError, match="needs a key"):
-      grids.rounder(grid, 16, 5, quantizer="stochastic")
+      rounders.rounder(grid, 16, 5, quantizer="stochastic")
     with pytest.raises(ValueError, match="lambda_"):
-      grids.rounder(grid, 16, 5, quantizer="soft_threshold")
+      rounders.rounder(grid, 16, 5, quantizer="soft_threshold")
     with pytest.raises(ValueError, match="lambda_"):
-      grids.rounder(grid, 16, 5, quantizer="hard_threshold", lambda_=-1.0)
+      rounders.rounder(grid, 16, 5, quantizer="hard_threshold", lambda_=-1.0)
     with pytest.raises(ValueError, match="key is only used"):
-      grids.rounder(grid, 16, 5, key=jax.random.key(0))
+      rounders.rounder(grid, 16, 5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="N1=4"):
-      grids.rounder(grid, 16, 4)
+      rounders.rounder(grid, 16, 4)
 
 
 def test_grid_and_stochastic_rounders_on_a_mesh_match_one_device():
@@ -291,7 +292,7 @@ def test_grid_and_stochastic_rounders_on_a_mesh_match_one_device():
   W, X, Xt = _gpfq_problem(8, N0=40, N1=8, m=64)
   grid = grids.fit(W, bits=3, granularity="group", group_size=16, symmetric=False)
   for kw in (dict(), dict(quantizer="stochastic", key=jax.random.key(3))):
-    r = grid.rounder(40, **kw)
+    r = rounders.rounder(grid, 40, 8, **kw)
     for method in ("scan", "gram"):
       np.testing.assert_array_equal(
           qjax.gpfq_layer(W, X, Xt, r, method=method, mesh=mesh),
@@ -331,20 +332,20 @@ def test_of_index_round_trips_strided_layouts():
 
 
 def test_view_errors_name_the_layer():
-  from qjax import views
+  from qjax import rtn, views
   W = {"d": {"kernel": jnp.ones((4, 3))}}
   spec = grids.GridSpec(4)
   with pytest.raises(ValueError, match="'e' names no parameter"):
-    grids.quantize_rtn(W, spec, views={"e": np.arange(12).reshape(4, 3)})
+    rtn.quantize_rtn(W, spec, views={"e": np.arange(12).reshape(4, 3)})
   with pytest.raises(ValueError, match=r"views\['d'\].*indexes entries \[1, 12\]"):
-    grids.quantize_rtn(W, spec, views={"d": np.arange(1, 13).reshape(4, 3)})
+    rtn.quantize_rtn(W, spec, views={"d": np.arange(1, 13).reshape(4, 3)})
   with pytest.raises(ValueError, match=r"views\['d'\].*twice"):
-    grids.quantize_rtn(W, spec, views={"d": np.zeros((4, 3), np.int64)})
+    rtn.quantize_rtn(W, spec, views={"d": np.zeros((4, 3), np.int64)})
   with pytest.raises(ValueError, match="whole leaf and of its slices"):
-    grids.quantize_rtn(W, spec, views={"d": np.arange(12).reshape(4, 3),
-                                       "d[0]": np.arange(3).reshape(1, 3)})
+    rtn.quantize_rtn(W, spec, views={"d": np.arange(12).reshape(4, 3),
+                                     "d[0]": np.arange(3).reshape(1, 3)})
   with pytest.raises(ValueError, match=r"views\['d'\].*non-empty 2-D"):
-    grids.quantize_rtn(W, spec, views={"d": views.View((0, 3), 0, (0,), (1,))})
+    rtn.quantize_rtn(W, spec, views={"d": views.View((0, 3), 0, (0,), (1,))})
 
 
 class _Layouts(nn.Module):

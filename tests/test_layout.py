@@ -212,7 +212,8 @@ def _private_package(module: str) -> str | None:
 def test_private_method_modules_are_imported_by_the_core_only():
   modules = _modules()
   private = {m for m in modules if _private_package(m)}
-  assert {"qjax._gpfq.network", "qjax._gptq", "qjax._qronos"} <= private
+  assert {"qjax._gpfq.network", "qjax._gpfq.rounders", "qjax._gptq", "qjax._qronos"} <= private
+  assert "qjax.rtn" in modules and "qjax.rtn" not in private  # RTN is public: qjax.rtn
   importers = _graph()
   for path, (name, _) in _experiment_and_benchmark_files().items():
     if name.startswith("benchmarks."):

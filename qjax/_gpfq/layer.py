@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qjax._gpfq import kernels
+from qjax._gpfq import rounders
 from qjax._gpfq import sharded
 from qjax._gpfq.kernels import GpfqFlops
 from qjax import grids
@@ -176,15 +177,15 @@ def _prepare(W: Any, X: Any, X_tilde: Any, levels: Any, method: Method, block_si
 
 def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any) -> Any:
   """`levels` with the quantizer applied: a `qjax.grids.Grid` or (for a quantizer other than
-  msq) a 1-D alphabet becomes a `qjax.grids.rounder`; msq on an alphabet keeps the alphabet, so
-  the default path is unchanged."""
-  if quantizer not in grids.QUANTIZERS:
-    raise ValueError(f"quantizer must be one of {grids.QUANTIZERS}, got {quantizer!r}")
+  msq) a 1-D alphabet becomes a `qjax._gpfq.rounders.rounder`; msq on an alphabet keeps the
+  alphabet, so the default path is unchanged."""
+  if quantizer not in rounders.QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {rounders.QUANTIZERS}, got {quantizer!r}")
   if kernels.is_rounder(levels):
     if quantizer != "msq" or key is not None or lambda_ is not None:
       raise ValueError("levels is a rounder: it carries its own quantizer, so quantizer, key "
-                       "and lambda_ must be left at their defaults (build it with "
-                       "qjax.grids.rounder(..., quantizer=..., key=..., lambda_=...))")
+                       "and lambda_ must be left at their defaults (or pass the Grid or the 1-D "
+                       "alphabet itself with quantizer=..., key=..., lambda_=...)")
     return levels
   if isinstance(levels, grids.GridSpec):
     raise TypeError("levels is a GridSpec (a recipe, not fitted): pass a Grid, "
@@ -195,13 +196,13 @@ def _with_quantizer(W: Any, levels: Any, quantizer: str, key: Any, lambda_: Any)
   if isinstance(levels, grids.Grid):
     _check_W(W)
     levels.check_fits(W.shape)
-    return grids.rounder(levels, W.shape[0], W.shape[1], quantizer=quantizer, key=key,
-                         lambda_=lambda_)
+    return rounders.rounder(levels, W.shape[0], W.shape[1], quantizer=quantizer, key=key,
+                            lambda_=lambda_)
   if quantizer == "msq" and key is None and lambda_ is None:
     return levels
   _check_W(W)
-  return grids.rounder(_check_levels(levels, jnp.float32), W.shape[0], W.shape[1],
-                       quantizer=quantizer, key=key, lambda_=lambda_)
+  return rounders.rounder(_check_levels(levels, jnp.float32), W.shape[0], W.shape[1],
+                          quantizer=quantizer, key=key, lambda_=lambda_)
 
 
 class _Permuted(NamedTuple):
@@ -251,7 +252,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
       neuron rounds to its nearest level, Eq. 5); or a rounder, a pytree with a method
       `round_row(z, t)` giving Q_t for input row t, which can hold per-neuron or per-group grids
       (the protocol is in `qjax._gpfq.kernels`); or a fitted `qjax.grids.Grid` for W (row t of
-      neuron j rounded onto the grid of (group of t, j), `qjax.grids.rounder`).
+      neuron j rounded onto the grid of (group of t, j), `qjax._gpfq.rounders.rounder`).
     method: "scan" (blocked data form), "gram" (exact Gram form) or "auto": the cheaper by flop
       count, data ~6 m N0 N1 + 4 m N0 B (weighted 1.5x for its thinner GEMMs) against Gram
       ~4 m N0^2 + 4 N0^2 N1 (X_tilde = X drops the G terms; `qjax.gpfq_flops` gives the counts

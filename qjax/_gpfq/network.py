@@ -37,6 +37,7 @@ from qjax import driver
 from qjax import grids
 from qjax import rules
 from qjax import views as views_lib
+from qjax._gpfq import rounders as rounders_lib
 from qjax._gpfq.layer import gpfq_layer
 from qjax._gpfq.sharded import resolve_mesh
 from qjax.alphabets import DEFAULT_C
@@ -124,7 +125,8 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
       n1 = len(range(*cols.indices(W.shape[1])))
       k = None if layer_key is None else (layer_key if g == 0 else
                                           jax.random.fold_in(layer_key, g))
-      return grids.rounder(sub, W.shape[0], n1, quantizer=quantizer, key=k, lambda_=lambda_)
+      return rounders_lib.rounder(sub, W.shape[0], n1, quantizer=quantizer, key=k,
+                                  lambda_=lambda_)
     return make
 
   def quantize_layer(name: str, W: jax.Array, chunks: driver.Chunks, info: driver.LayerInfo):
@@ -184,8 +186,8 @@ def _check_grid_spec(value: Any, where: str) -> Any:
 
 
 def _check_quantizer(quantizer: str, key: Any, lambda_: Any, explicit_key: bool) -> None:
-  if quantizer not in grids.QUANTIZERS:
-    raise ValueError(f"quantizer must be one of {grids.QUANTIZERS}, got {quantizer!r}")
+  if quantizer not in rounders_lib.QUANTIZERS:
+    raise ValueError(f"quantizer must be one of {rounders_lib.QUANTIZERS}, got {quantizer!r}")
   if quantizer == "stochastic" and not explicit_key:
     raise ValueError("quantizer='stochastic' needs an explicit key (its draws are "
                      "reproducible from it)")

@@ -35,6 +35,7 @@ import numpy as np
 import qjax
 from qjax import driver
 from qjax import grids
+from qjax import rtn as rtn_lib
 from qjax import rules
 from qjax import train as train_lib
 from qjax.experiments import config_section, results
@@ -81,7 +82,7 @@ def schemes(cfg) -> dict[str, qjax.ActSpec | None]:
 def quantize(ctx, method: str, bits: int, act: Any, x, common: dict, cfg_gpfq) -> tuple:
   """(quantized variables, report) of one method at `bits` with activation spec `act`."""
   if method == "rtn":
-    rtn = grids.rtn_quantizer(grids.GridSpec(bits, "channel", symmetric=True))
+    rtn = rtn_lib.rtn_quantizer(grids.GridSpec(bits, "channel", symmetric=True))
     return driver.run(ctx.variables, ctx.model.apply, x, rtn, act=act, method="rtn", **common)
   if method == "gptq":
     return qjax.gptq(ctx.variables, ctx.model.apply, x, bits=bits, granularity="channel",

@@ -164,7 +164,7 @@ def rtn_grid(task: Task, spec, act=None) -> tuple[PyTree, dict]:
     return grid_rtn(task, spec), {}
   # With activations quantized: RTN on the driver, whose pass calibrates the static scales.
   from qjax import driver  # pylint: disable=g-import-not-at-top
-  q, report = driver.run(task.params, task.apply_fn, task.calibration, qjax.grids.rtn_quantizer(
+  q, report = driver.run(task.params, task.apply_fn, task.calibration, qjax.rtn.rtn_quantizer(
       spec), skip=_skip(task), act=act, method="rtn")
   return q, {"_act_scales": report.act_scales}
 
