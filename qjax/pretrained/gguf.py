@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qjax.models.llama import LlamaConfig
-from qjax.pretrained.hf import CausalLM, _expected_shapes, map_tensors
+from qjax.pretrained.huggingface import CausalLM, _expected_shapes, map_tensors
 
 # GGUF tensor types the loader dequantizes (gguf.GGMLQuantizationType names).
 GGUF_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K",
