@@ -21,7 +21,7 @@
 # 1. installs qjax (and torch CPU, only to read torchvision's weights);
 # 2. mounts the ImageNet you prepared with tensorflow-datasets (qjax never downloads it);
 # 3. saves torchvision's pretrained state_dicts as `.safetensors`, which
-#    `qjax.models.from_torchvision` converts to the linen models (`tv_resnet18`, ...);
+#    `qjax.pretrained.from_torchvision` converts to the linen models (`tv_resnet18`, ...);
 # 4. runs `configs/imagenet_gpfq.py` (the paper's C, m, p and bits per model) and shows the table.
 #
 # **Colab setup.** Runtime > Change runtime type > TPU. Then, in a first cell:

@@ -35,12 +35,12 @@ import jax
 import numpy as np
 
 import qjax
-from qjax import causal_lm, perplexity, text
+from qjax import perplexity, pretrained, text
 from qjax.experiments import causal_lm as task_lib
 
 SMALL = bool(os.environ.get("QJAX_SMALL"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(qjax.__file__)))
-path = os.environ.get("QJAX_LLM") or causal_lm.find_smollm2(required=True, root=REPO)
+path = os.environ.get("QJAX_LLM") or pretrained.find_smollm2(required=True, root=REPO)
 start = time.perf_counter()
 lm = qjax.pretrained.load_causal_lm(path)
 print(f"loaded {os.path.basename(path)} in {time.perf_counter() - start:.1f} s:", lm.config)

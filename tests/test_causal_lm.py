@@ -1,5 +1,6 @@
-"""qjax.models.llama and qjax.causal_lm: logits equal transformers' on tiny random Llama (GQA, tied)
-and Qwen2 (q/k/v biases, untied) checkpoints written with save_pretrained; loader errors."""
+"""qjax.models.llama and qjax.pretrained.causal_lm: logits equal transformers' on tiny random
+Llama (GQA, tied) and Qwen2 (q/k/v biases, untied) checkpoints written with save_pretrained;
+loader errors."""
 import json
 import os
 import sys
@@ -8,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qjax import causal_lm
+from qjax.pretrained import causal_lm
+from qjax.pretrained import gguf as gguf_loader  # not the gguf package
 from qjax.models import llama
 
 # transformers (torch CPU) is the reference: the `torch` extra, installed for CI's slow step.
@@ -154,10 +156,10 @@ def test_unpermute_inverts_llama_cpp_permute():
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(
         w.shape)
   w = np.random.default_rng(0).normal(size=(3 * 8, 5))
-  np.testing.assert_array_equal(causal_lm.unpermute_qk(permute(w, 3), 3), w)
+  np.testing.assert_array_equal(gguf_loader.unpermute_qk(permute(w, 3), 3), w)
   # Rows of one head: interleaved pairs (0, 4), (1, 5), ... back to halves.
   idx = np.arange(8.0)[:, None]
-  assert causal_lm.unpermute_qk(permute(idx, 1), 1).ravel().tolist() == list(range(8))
+  assert gguf_loader.unpermute_qk(permute(idx, 1), 1).ravel().tolist() == list(range(8))
   assert permute(idx, 1).ravel().tolist() == [0, 4, 1, 5, 2, 6, 3, 7]
 
 

@@ -1,5 +1,5 @@
-"""Torch-free tests of qjax.causal_lm and the causal_lm task: a tiny random checkpoint written
-with safetensors' NumPy API in the Hugging Face layout (the torch comparisons are in
+"""Torch-free tests of qjax.pretrained.causal_lm and the causal_lm task: a tiny random checkpoint
+written with safetensors' NumPy API in the Hugging Face layout (the torch comparisons are in
 test_causal_lm.py, slow)."""
 import json
 import os
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from qjax import causal_lm
+from qjax.pretrained import causal_lm, huggingface
+from qjax.pretrained import gguf as gguf_loader  # not the gguf package
 from qjax import main
 from qjax.models import llama
 
@@ -26,7 +27,7 @@ def write_checkpoint(path, hf=HF, drop=(), reshape=None):
   cfg = llama.LlamaConfig.from_hf(hf)
   rng = np.random.default_rng(0)
   tensors = {name: (0.2 * rng.normal(size=shape)).astype(np.float32)
-             for name, shape in causal_lm._expected_shapes(cfg).items() if name not in drop}
+             for name, shape in huggingface._expected_shapes(cfg).items() if name not in drop}
   if reshape:
     tensors[reshape[0]] = np.zeros(reshape[1], np.float32)
   save_file(tensors, os.path.join(path, "model.safetensors"))
@@ -131,7 +132,7 @@ def write_gguf(path, arch="llama", bad_type=None):
   w.add_token_types([1] * len(vocab))
   inv = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
          "output_norm.weight"}
-  block = {v: k for k, v in causal_lm._GGUF_BLOCK.items()}
+  block = {v: k for k, v in gguf_loader._GGUF_BLOCK.items()}
   for name, x in t.items():
     if name in inv:
       g = inv[name]

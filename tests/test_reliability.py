@@ -365,7 +365,7 @@ def test_sentence_encoder_config_sizes_must_be_ints(tmp_path, key, value):
 @pytest.mark.parametrize("key, value", [("hidden_size", "32"), ("num_attention_heads", 4.5),
                                         ("num_key_value_heads", "2"), ("vocab_size", 300.0)])
 def test_causal_lm_config_sizes_must_be_ints(tmp_path, key, value):
-  from qjax import causal_lm
+  from qjax.pretrained import causal_lm
   path = write_causal_lm(tmp_path / "m")
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump({**LLAMA_HF, key: value}, f)
@@ -396,7 +396,7 @@ def test_loaders_name_a_missing_path():
 
 
 def test_transposed_torchvision_weight_shows_both_layouts():
-  from qjax.models import torchvision as tv
+  from qjax.pretrained import torchvision as tv
   sd = tv.random_state_dict("tv_resnet18")
   fc = sd["fc.weight"]
   sd["fc.weight"] = fc.T

@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from qjax import models
+from qjax import pretrained
 from qjax.models import torchvision as tv
 
 INSTALL = "pip install torch==2.13.0 torchvision==0.28.0   # or: pip install 'qjax[torch]'"
@@ -94,7 +95,7 @@ def test_logits_equal_torchvision(name):
   x = np.random.default_rng(0).normal(size=(2, 3, 224, 224)).astype(np.float32)
   with torch.no_grad():
     want = model_t(torch.from_numpy(x)).numpy()
-  variables = tv.from_torchvision(name, model_t.state_dict())
+  variables = pretrained.from_torchvision(name, model_t.state_dict())
   model = models.get_model(name, num_classes=1000)
   with jax.default_matmul_precision("highest"):
     got = np.asarray(jax.jit(lambda v, x: model.apply(v, x, train=False))(
@@ -113,9 +114,9 @@ def test_from_pth_and_safetensors_files(tmp_path):
   torch.save(state, tmp_path / "r18.pth")
   safetensors_torch.save_file({k: v.contiguous() for k, v in state.items()},
                               str(tmp_path / "r18.safetensors"))
-  direct = tv.from_torchvision("resnet18", state)
+  direct = pretrained.from_torchvision("resnet18", state)
   for path in (tmp_path / "r18.pth", str(tmp_path / "r18.safetensors")):
-    loaded = tv.from_torchvision("resnet18", path)
+    loaded = pretrained.from_torchvision("resnet18", path)
     jax.tree.map(np.testing.assert_array_equal, loaded, direct)
 
 
@@ -165,7 +166,7 @@ def _synthetic_state_dict(name: str, seed: int = 0,
   that tensors over 10^5 entries not in `random_keys` are broadcast constants (no memory)."""
   rng = np.random.default_rng(seed)
   out = {}
-  for key, (_, _, leaf, shape) in tv.expected_shapes(name).items():
+  for key, (_, _, leaf, shape) in pretrained.torchvision.expected_shapes(name).items():
     torch_shape = {4: lambda s: (s[3], s[2], s[0], s[1]), 2: lambda s: (s[1], s[0])}.get(
         len(shape), lambda s: s)(shape)
     if np.prod(torch_shape) > 1e5 and key not in random_keys:
@@ -180,7 +181,7 @@ def _synthetic_state_dict(name: str, seed: int = 0,
 
 def test_converter_layouts_on_synthetic_resnet18():
   sd = _synthetic_state_dict("tv_resnet18", random_keys=("conv1.weight", "fc.weight"))
-  v = tv.from_torchvision("resnet18", sd)
+  v = pretrained.from_torchvision("resnet18", sd)
   np.testing.assert_array_equal(v["params"]["conv1"]["kernel"],
                                 sd["conv1.weight"].transpose(2, 3, 1, 0))
   np.testing.assert_array_equal(v["params"]["fc"]["kernel"], sd["fc.weight"].T)
@@ -194,7 +195,7 @@ def test_converter_layouts_on_synthetic_resnet18():
 def test_converter_permutes_the_flatten_linear_rows():
   """AlexNet's classifier.1 sees torch's (C, H, W) flatten; qjax flattens NHWC (H, W, C)."""
   sd = _synthetic_state_dict("tv_alexnet", seed=3, random_keys=("classifier.1.weight",))
-  v = tv.from_torchvision("tv_alexnet", sd)
+  v = pretrained.from_torchvision("tv_alexnet", sd)
   feature_map = np.random.default_rng(4).normal(size=(256, 6, 6)).astype(np.float32)  # C, H, W
   want = sd["classifier.1.weight"] @ feature_map.reshape(-1)
   got = feature_map.transpose(1, 2, 0).reshape(-1) @ v["params"]["classifier_1"]["kernel"]
@@ -203,32 +204,32 @@ def test_converter_permutes_the_flatten_linear_rows():
 
 def test_converter_keeps_depthwise_and_googlenet_aux_rules():
   sd = _synthetic_state_dict("tv_efficientnet_b1")
-  v = tv.from_torchvision("efficientnet_b1", sd)
+  v = pretrained.from_torchvision("efficientnet_b1", sd)
   assert v["params"]["features_2_0"]["block_1_0"]["kernel"].shape == (3, 3, 1, 96)
   sd = _synthetic_state_dict("tv_googlenet")
   sd["aux1.fc2.weight"] = np.zeros((1000, 1024), np.float32)  # the pretrained file keeps these
-  tv.from_torchvision("googlenet", sd)
+  pretrained.from_torchvision("googlenet", sd)
 
 
 def test_converter_missing_key_is_named():
   sd = _synthetic_state_dict("tv_resnet18")
   del sd["layer3.1.bn1.running_mean"]
   with pytest.raises(ValueError, match=r"missing key 'layer3\.1\.bn1\.running_mean'"):
-    tv.from_torchvision("resnet18", sd)
+    pretrained.from_torchvision("resnet18", sd)
 
 
 def test_converter_extra_key_is_named():
   sd = _synthetic_state_dict("tv_vgg16")
   sd["classifier.7.weight"] = np.zeros((10, 1000), np.float32)
   with pytest.raises(ValueError, match=r"unexpected key 'classifier\.7\.weight'"):
-    tv.from_torchvision("vgg16", sd)
+    pretrained.from_torchvision("vgg16", sd)
 
 
 def test_converter_num_batches_tracked_only_beside_a_batchnorm():
   sd = _synthetic_state_dict("tv_vgg16")
   sd["features.0.num_batches_tracked"] = np.array(1)
   with pytest.raises(ValueError, match=r"unexpected key 'features\.0\.num_batches_tracked'"):
-    tv.from_torchvision("vgg16", sd)
+    pretrained.from_torchvision("vgg16", sd)
 
 
 def test_converter_wrong_shape_is_named():
@@ -236,7 +237,7 @@ def test_converter_wrong_shape_is_named():
   sd["layer1.0.conv2.weight"] = np.zeros((64, 64, 5, 5), np.float32)
   with pytest.raises(ValueError, match=r"key 'layer1\.0\.conv2\.weight' has shape "
                                        r"\(64, 64, 5, 5\)"):
-    tv.from_torchvision("resnet18", sd)
+    pretrained.from_torchvision("resnet18", sd)
 
 
 @pytest.mark.parametrize("source,target,key", [
@@ -247,23 +248,23 @@ def test_converter_wrong_shape_is_named():
 def test_converter_other_architecture_is_named(source, target, key):
   sd = _synthetic_state_dict(source)
   with pytest.raises(ValueError, match=rf"'{key}'.*another architecture"):
-    tv.from_torchvision(target, sd)
+    pretrained.from_torchvision(target, sd)
 
 
 def test_converter_unknown_model_and_bad_input():
   with pytest.raises(ValueError, match="unknown torchvision model 'resnet19'"):
-    tv.from_torchvision("resnet19", {})
+    pretrained.from_torchvision("resnet19", {})
   with pytest.raises(TypeError, match="state_dict must be a mapping"):
-    tv.from_torchvision("resnet18", [1, 2])
+    pretrained.from_torchvision("resnet18", [1, 2])
   with pytest.raises(ValueError, match="not found"):
-    tv.from_torchvision("resnet18", "/nonexistent/r18.safetensors")
+    pretrained.from_torchvision("resnet18", "/nonexistent/r18.safetensors")
 
 
 def test_registered_models_run_in_eval_mode():
   for name in tv.TORCHVISION_MODELS:
     assert name in models.MODELS
   model = models.get_model("tv_resnet18", num_classes=1000)
-  variables = tv.from_torchvision("resnet18", _synthetic_state_dict("tv_resnet18"))
+  variables = pretrained.from_torchvision("resnet18", _synthetic_state_dict("tv_resnet18"))
   out = jax.jit(lambda v, x: model.apply(v, x, train=False))(
       variables, jnp.zeros((1, 64, 64, 3), jnp.float32))
   assert out.shape == (1, 1000) and out.dtype == jnp.float32

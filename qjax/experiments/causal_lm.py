@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 
 import qjax
-from qjax import causal_lm as loader
+from qjax import pretrained as loader
 from qjax import grids
 from qjax import perplexity as ppl_lib
 from qjax import rules

@@ -25,6 +25,7 @@ import ml_collections
 import qjax
 from qjax import imagenet
 from qjax import models
+from qjax import pretrained
 from qjax.models import torchvision as tv
 
 METHODS = ("gpfq", "msq", "gpfq_lastfloat_bc")
@@ -135,11 +136,12 @@ def _variables(config, name: str, size: int) -> dict:
   """Converted torchvision weights from config.weights_dir, or (smoke) a random init."""
   if config.smoke and not config.weights_dir:
     # Random weights in torchvision's layout, through the converter like real ones.
-    return tv.from_torchvision(name, tv.random_state_dict(name, config.seed, size), size)
+    return pretrained.from_torchvision(
+        name, pretrained.random_state_dict(name, config.seed, size), size)
   for ext in (".safetensors", ".pth"):
     path = os.path.join(config.weights_dir, name + ext)
     if os.path.exists(path):
-      return tv.from_torchvision(name, path)
+      return pretrained.from_torchvision(name, path)
   raise ValueError(f"config.weights_dir: no {name}.safetensors or {name}.pth in "
                    f"{config.weights_dir!r}")
 

@@ -11,7 +11,7 @@ every weight matrix is a plain (in, out) kernel that a Dense-level quantizer can
 the exact erf form and LayerNorm eps 1e-12, as in the checkpoint's config.json. Sentence
 embeddings follow Sentence-BERT (Reimers & Gurevych, 2019): the mean of the token states over the
 attention mask, L2-normalised. Module names follow the checkpoint's structure so that
-`qjax.pretrained` maps it one to one.
+`qjax.pretrained.bert` maps it one to one.
 """
 from __future__ import annotations
 

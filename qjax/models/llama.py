@@ -6,7 +6,7 @@
 
 Each block is x + Attn(RMSNorm(x)) then x + SwiGLU(RMSNorm(x)), as in Hugging Face's
 `LlamaForCausalLM`: rotary embeddings in the "rotate half" layout (the Hugging Face checkpoint
-layout; GGUF files are converted back by `qjax.pretrained.llm`), grouped-query attention (each
+layout; GGUF files are converted back by `qjax.pretrained.gguf`), grouped-query attention (each
 key/value head serves num_heads / num_kv_heads query heads) with a causal mask and an optional
 padding mask, optional q/k/v biases (Qwen2), tied or untied output head. Every projection is an
 `nn.Dense`, so `qjax.gpfq` / `qjax.gptq` see each as one weight op; the tied head is

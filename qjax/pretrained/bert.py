@@ -24,7 +24,7 @@ import functools
 import os
 import re
 import zipfile
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -357,6 +357,3 @@ def find_minilm(required: bool = False, root: str | os.PathLike = ".") -> str | 
                      f"under {os.path.abspath(root)}); fetch them with `{FETCH_COMMAND}`")
   return None
 
-
-# Llama-family causal LMs (Hugging Face layout, GGUF): `qjax.causal_lm`.
-from qjax.causal_lm import CausalLM, find_smollm2, load_causal_lm  # noqa: E402
