@@ -14,8 +14,6 @@ from qjax.models.cnn import MLP, BasicBlock, CifarResNet, LeNet5, ResNet18, VGGS
 from qjax.models.bert import BertConfig, BertEncoder  # text models: not in MODELS
 from qjax.models.bytelm import ByteLM
 from qjax.models.torchvision import TORCHVISION_MODELS
-# The converter lives in qjax.pretrained; re-exported for the README's qjax.models.from_torchvision.
-from qjax.pretrained.torchvision import from_torchvision  # noqa: F401
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
