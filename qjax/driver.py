@@ -37,8 +37,9 @@ The quantizer interface (GPFQ, MSQ and GPTQ are all such functions)
   memory O(N0^2) whatever the calibration size).
 * `info`: `LayerInfo`: index (program order; the patch key is `fold_in(key, index)`), name,
   op ('dot_general' or 'conv'), weight_shape, groups, bits (from the `bits` rules, None when
-  the caller gave none), rows (total m), same (X~ is X), key, and helpers `group_slices()` and
-  `error(Q)` = ||X W - X~ Q||_F / ||X W||_F over all chunks.
+  the caller gave none), rows (total m), same (X~ is X), key, reduce_chunks (None, or the
+  run's C: sum statistics over rows with `qjax.mesh.exact_tmm`), and helpers `group_slices()`
+  and `error(Q)` = ||X W - X~ Q||_F / ||X W||_F over all chunks.
 * Return Q with W's shape (any float dtype; cast back to the weight's dtype by the driver), or
   (Q, extras) where extras are `LayerRecord` fields to fill in (e.g. {'delta': 0.01,
   'msq_error': 0.2}).

@@ -9,6 +9,15 @@ shards (one all-reduce, inserted by XLA), GPTQ's column loop runs with its outpu
 over the model axis (its rows are independent given H), and the returned params carry the
 input's shardings (`keep_shardings`).
 
+The same Q as one device, bit for bit: on a small model the default path gives it, but on deep
+ones the streams drift apart (a data-split Gram's all-reduce adds the shards' partials in
+another order than one device's product; a product with a kernel split over its fan-in, or a
+layer norm over features split by the previous kernel, sums partials across the model axis).
+`reduce_chunks=C` on `qjax.gptq` / `qjax.gpfq` / `qjax.qronos` (`qjax.driver.run`) makes the
+reduction deterministic: every Gram is C fixed row chunks added in a fixed order (`exact_tmm`)
+and the segments use each split weight whole (all-gathered inside the segment), so every mesh
+gives the one-device Q of the same C.
+
 `memory_plan` estimates the bytes per device before a long run (weights of both streams, the
 largest layer's Hessian, the activations of both streams at the widest stop); `compiled_bytes`
 reads XLA's compiled memory analysis of a jitted function on the real shardings, and
