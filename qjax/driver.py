@@ -560,7 +560,7 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: t
   per distinct segment rather than one per layer; the same program compiles to the same
   executable, so sharing changes no value.
   """
-  key = (id(jaxpr), start, stop, errs, whole)
+  key = (id(jaxpr), start, stop, errs) + (() if whole is None else (whole,))
   hit = program.segments.get(key)
   if hit is not None:
     return hit[1:]
@@ -584,7 +584,7 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: t
   sub = jcore.Jaxpr([], ins, sub_outs, eqns, effects, info)
   shared = program.segments.setdefault("by_text", {})
   try:
-    text = None if effects else (str(sub), err_pos, whole)
+    text = None if effects else (str(sub), err_pos) + (() if whole is None else (whole,))
   except Exception:  # noqa: BLE001 -- an unprintable param: no sharing, still correct
     text = None
   fns = shared.get(text) if text is not None else None
