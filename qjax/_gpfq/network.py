@@ -80,8 +80,6 @@ def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis,
       model_axis = None
   pairs = list(chunks) if len(chunks) == 1 else None
   exact = getattr(info, "reduce_chunks", None)
-  if exact is not None:  # W whole: the Gram form's G W would sum partials of split rows
-    W = mesh_lib.replicated(W)
   blocks = []
   for g, (rows, cols) in enumerate(info.group_slices()):
     if pairs is not None:  # one batch: arrays (gpfq_layer picks the cheaper form)
@@ -132,6 +130,9 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
     return make
 
   def quantize_layer(name: str, W: jax.Array, chunks: driver.Chunks, info: driver.LayerInfo):
+    if getattr(info, "reduce_chunks", None) is not None:
+      # W whole: its alphabet's statistics and the Gram form's G W sum over its split rows.
+      W = mesh_lib.replicated(W)
     if grid is not None:
       spec = grid[name] if isinstance(grid, Mapping) else grid
       fitted = grids.fit(W, spec)
