@@ -6,10 +6,11 @@ device of both streams (float + quantized: the addressable shards), XLA's planne
 per device of one jitted forward pass (`qjax.mesh.compiled_bytes`: the segments' largest
 program is at most that), wall time of one (cold) quantization, and how many Q entries differ
 from one device. Prints a table and writes JSON. CPU "devices" share the same cores, so wall
-time measures overhead, not speed-up.
+time measures overhead, not speed-up. With --reduce-chunks C every run (one device included)
+uses the driver's deterministic reduction (`reduce_chunks=C`), and no Q entry should differ.
 
   PYTHONPATH=. python benchmarks/mesh_driver.py [--blocks 12] [--dim 192] [--meshes 4x2,2x4]
-                                                [--no-time] [--out FILE]
+                                                [--reduce-chunks C] [--no-time] [--out FILE]
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from qjax import mesh as mesh_lib  # noqa: E402
 MIB = 2 ** 20
 
 
-def measure(model, v, x, mesh, timed: bool, ref=None) -> dict:
+def measure(model, v, x, mesh, timed: bool, ref=None, reduce_chunks=None) -> dict:
   if mesh is not None:
     v, x = mesh_lib.shard_params(v, mesh), mesh_lib.shard_batch(x, mesh)
   else:
@@ -44,7 +45,7 @@ def measure(model, v, x, mesh, timed: bool, ref=None) -> dict:
          "forward_peak_mib": mesh_lib.compiled_bytes(lambda p, b: model.apply(p, b), v, x) / MIB}
   if timed:
     t = time.perf_counter()
-    q, _ = qjax.gptq(v, model.apply, x, bits=4, progress=False)
+    q, _ = qjax.gptq(v, model.apply, x, bits=4, progress=False, reduce_chunks=reduce_chunks)
     jax.block_until_ready(q)
     row["gptq_seconds"] = time.perf_counter() - t
     if ref is not None:
@@ -61,21 +62,24 @@ def main() -> None:
   ap.add_argument("--tokens", type=int, default=32)
   ap.add_argument("--seqs", type=int, default=8)
   ap.add_argument("--meshes", default="8x1,4x2,2x4")
+  ap.add_argument("--reduce-chunks", type=int, default=None,
+                  help="the driver's deterministic reduction (same Q on every mesh)")
   ap.add_argument("--no-time", action="store_true", help="memory only (no GPTQ runs)")
   ap.add_argument("--out", default="mesh_driver.json")
   args = ap.parse_args()
   model = Transformer(args.blocks, args.dim, 4)
   x = np.random.default_rng(0).normal(size=(args.seqs, args.tokens, args.dim)).astype(np.float32)
   v = model.init(jax.random.key(0), x[:1])
-  rows = {"1 device": measure(model, v, x, None, not args.no_time)}
+  rc = args.reduce_chunks
+  rows = {"1 device": measure(model, v, x, None, not args.no_time, reduce_chunks=rc)}
   ref = rows["1 device"].pop("_q", None)
   for spec in args.meshes.split(","):
     shape = tuple(int(s) for s in spec.split("x"))
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
-    rows[f"mesh {shape}"] = measure(model, v, x, mesh, not args.no_time, ref)
+    rows[f"mesh {shape}"] = measure(model, v, x, mesh, not args.no_time, ref, rc)
     rows[f"mesh {shape}"].pop("_q", None)
   print(f"transformer {args.blocks} blocks, d={args.dim}, {args.seqs} x {args.tokens} tokens, "
-        f"GPTQ 4 bits; per device:")
+        f"GPTQ 4 bits{f', reduce_chunks={rc}' if rc else ''}; per device:")
   print("| placement | weights, 2 streams (MiB) | forward peak (MiB) | GPTQ s | Q entries differ |")
   print("| --- | --- | --- | --- | --- |")
   for name, r in rows.items():

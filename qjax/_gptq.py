@@ -51,6 +51,7 @@ import numpy as np
 
 from qjax import alphabets
 from qjax import grids as grids_lib
+from qjax import mesh as mesh_lib
 from qjax import views as views_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -329,9 +330,11 @@ def with_grid(Q: jax.Array, grid: Any, ops: GridOperands, return_grid: bool):
 # The whole network on the one-pass driver (qjax.driver).
 
 
-@jax.jit
-def _add_h(H, xt):
-  return H + _tmm(xt, xt)
+@functools.partial(jax.jit, static_argnames=("reduce_chunks",))
+def _add_h(H, xt, reduce_chunks=None):
+  """H + xt^T xt; with `reduce_chunks`, summed in a device-independent order (`exact_tmm`)."""
+  return H + (_tmm(xt, xt) if reduce_chunks is None else
+              mesh_lib.exact_tmm(xt, xt, reduce_chunks))
 
 
 def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = None,
@@ -355,9 +358,13 @@ def gptq_quantizer(*, granularity: str = "channel", group_size: int | None = Non
                                   method=scale_method)
     slices = info.group_slices()
     Hs = [jnp.zeros((W.shape[0], W.shape[0]), jnp.float32) for _ in slices]
+    exact = getattr(info, "reduce_chunks", None)
     for _, xt in chunks:
       xt = jnp.asarray(xt, jnp.float32)
-      Hs = [_add_h(H, xt if len(slices) == 1 else xt[:, rows]) for H, (rows, _) in zip(Hs, slices)]
+      if exact is not None:
+        mesh_lib.check_chunk_rows(xt, exact)
+      Hs = [_add_h(H, xt if len(slices) == 1 else xt[:, rows], exact)
+            for H, (rows, _) in zip(Hs, slices)]
     Qs, gs = [], []
     for H, (_, cols) in zip(Hs, slices):
       Q, g = gptq_layer(W[:, cols], H, target, block_size=block_size, damp=damp,
@@ -389,7 +396,8 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
          static_groups: bool = False, skip: str | None = None, last_layer_float: bool = False,
          bias_correction: bool = False, patch_p: float = 1.0, patch_stride: str = "layer",
          key: Any = None, apply_kwargs: Any = None, progress: bool = True,
-         return_grids: bool = False, act: Any = None, act_scales: Any = None):
+         return_grids: bool = False, act: Any = None, act_scales: Any = None,
+         reduce_chunks: int | None = None):
   """Quantize any JAX model with GPTQ, layer by layer in program order, on `qjax.driver`.
 
   Layer i's H = X~^T X~ comes from the network with layers < i already quantized (GPTQ's
@@ -416,6 +424,9 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
     act, act_scales: activation quantization (`qjax.ActSpec` or rules; `qjax.driver.run`): each
       layer's H = X^~T X^~ of its fake-quantized inputs in the quantized network; static
       scales are calibrated on that stream (`report.act_scales`) unless given.
+    reduce_chunks: None, or C for a deterministic reduction: each H summed over C fixed row
+      chunks in a fixed order and the segments' weights used whole, so one device and every
+      mesh give the same Q bit for bit (`qjax.driver.run`; C x N0 x N0 float32 at once).
 
   Returns:
     (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
@@ -436,5 +447,5 @@ def gptq(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
                                 bias_correction=bias_correction, patch_p=patch_p,
                                 patch_stride=patch_stride, key=key, apply_kwargs=apply_kwargs,
                                 progress=progress, method="gptq", act=act,
-                                act_scales=act_scales)
+                                act_scales=act_scales, reduce_chunks=reduce_chunks)
   return (q_params, report, fitted) if return_grids else (q_params, report)

@@ -34,6 +34,7 @@ import numpy as np
 
 from qjax import alphabets
 from qjax import grids as grids_lib
+from qjax import mesh as mesh_lib
 from qjax import views as views_lib
 from qjax._gpfq import kernels
 from qjax._gpfq import layer as gpfq_layer_lib
@@ -102,16 +103,19 @@ def _check_damp(damp: Any, damp_rule: str) -> float:
   return float(damp)
 
 
-def qronos_grams(W: Any, X: Any, X_tilde: Any, dtype: Any = jnp.float32):
+def qronos_grams(W: Any, X: Any, X_tilde: Any, dtype: Any = jnp.float32,
+                 reduce_chunks: int | None = None):
   """(H = X~^T X~, G = X~^T X) of arrays or of a stream of (x, xt) chunks, checked as
-  `qjax.gpfq_layer` checks them (shapes naming X / X_tilde, NaN/Inf, 0 rows)."""
-  return kernels.gram_from_chunks(gpfq_layer_lib._chunks(W, X, X_tilde), W.shape[0], dtype)
+  `qjax.gpfq_layer` checks them (shapes naming X / X_tilde, NaN/Inf, 0 rows); `reduce_chunks`:
+  rows summed in a device-independent order (`qjax.mesh.exact_tmm`)."""
+  return kernels.gram_from_chunks(gpfq_layer_lib._chunks(W, X, X_tilde), W.shape[0], dtype,
+                                  reduce_chunks)
 
 
 def qronos_layer(W: Any, X: Any, X_tilde: Any, grid: Any, *, damp: float = 0.01,
                  damp_rule: DampRule = "mean", act_order: bool = False, block_size: int = 128,
                  return_grid: bool = False, layer: str | None = None,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, reduce_chunks: int | None = None):
   """Quantize one layer with Qronos (see the module docstring), all neurons at once.
 
   Args:
@@ -128,6 +132,8 @@ def qronos_layer(W: Any, X: Any, X_tilde: Any, grid: Any, *, damp: float = 0.01,
     return_grid: also return the grid Q lies on (None for an alphabet).
     layer: the layer's name, for error messages.
     dtype: compute dtype (float32).
+    reduce_chunks: None, or C: H and G summed over C fixed row chunks in a fixed order
+      (`qjax.mesh.exact_tmm`), so rows split over devices give the one-device Grams bit for bit.
 
   Returns:
     Q with the shape and dtype of W, every entry on the grid; with return_grid, (Q, grid).
@@ -145,7 +151,8 @@ def qronos_layer(W: Any, X: Any, X_tilde: Any, grid: Any, *, damp: float = 0.01,
         block_size < 1):
       raise ValueError(f"block_size must be a positive int, got {block_size!r}")
     ops = grid_operands(grid, W.shape, dtype)
-    H, G = qronos_grams(W, X, X_tilde, dtype)
+    mesh_lib.check_reduce_chunks(reduce_chunks)
+    H, G = qronos_grams(W, X, X_tilde, dtype, reduce_chunks)
   except (ValueError, TypeError) as e:
     if not where:
       raise
@@ -176,6 +183,9 @@ def qronos_quantizer(*, granularity: str = "channel", group_size: int | None = N
   Fitted grids go into `grids_out` with their views, as `qjax._gptq.gptq_quantizer`."""
   def quantize_layer(name: str, W: jax.Array, chunks, info):
     W = jnp.asarray(W, jnp.float32)
+    exact = getattr(info, "reduce_chunks", None)
+    if exact is not None:  # W whole: products over its split rows would sum partials
+      W = mesh_lib.replicated(W)
     if alphabet is not None:
       target = alphabets.levels_for(W, info.bits, C, alphabet) if bool(jnp.any(W != 0)) else (
           jnp.zeros((1,), jnp.float32))
@@ -188,7 +198,7 @@ def qronos_quantizer(*, granularity: str = "channel", group_size: int | None = N
       data = chunks if len(slices) == 1 else [(x[:, rows], xt[:, rows]) for x, xt in chunks]
       Q, g = qronos_layer(W[:, cols], data, None, target, damp=damp, damp_rule=damp_rule,
                           act_order=act_order, block_size=block_size, return_grid=True,
-                          layer=name)
+                          layer=name, reduce_chunks=exact)
       Qs.append(Q)
       gs.append(g)
     Q = jnp.concatenate(Qs, axis=1) if len(Qs) > 1 else Qs[0]
@@ -216,7 +226,7 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
            last_layer_float: bool = False, bias_correction: bool = False, patch_p: float = 1.0,
            patch_stride: str = "layer", key: Any = None, apply_kwargs: Any = None,
            progress: bool = True, return_grids: bool = False, act: Any = None,
-           act_scales: Any = None):
+           act_scales: Any = None, reduce_chunks: int | None = None):
   """Quantize any JAX model with Qronos, layer by layer in program order, on `qjax.driver`.
 
   Layer i sees X from the float network and X~ from the network with layers < i quantized, both
@@ -233,6 +243,9 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
       `holdout_loss` (default: relative output error ||f_q - f||^2 / ||f||^2) on the held-out
       tail wins; the report's `damp` is the choice and `C_search` the (damp, loss) pairs. Never
       give it test data: shuffle the calibration batch first.
+    reduce_chunks: None, or C for a deterministic reduction (H, G over C fixed row chunks,
+      weights used whole), so one device and every mesh give the same Q bit for bit, as
+      `qjax.gptq`.
 
   Returns:
     (quantized params, `qjax.driver.Report`), plus the grids with return_grids.
@@ -254,9 +267,11 @@ def qronos(params: Any, apply_fn: Any, batch: Any, *, bits: Any = 4,
   if damp_grid is not None and not 0.0 < holdout_fraction < 1.0:
     raise ValueError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
   driver.check_options(patch_p, patch_stride, key)
+  mesh_lib.check_reduce_chunks(reduce_chunks)
   options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method="qronos", act=act, act_scales=act_scales)
+                 key=key, progress=progress, method="qronos", act=act, act_scales=act_scales,
+                 reduce_chunks=reduce_chunks)
 
   def make(d, out):
     return qronos_quantizer(granularity=granularity, group_size=group_size, symmetric=symmetric,

@@ -37,8 +37,9 @@ The quantizer interface (GPFQ, MSQ and GPTQ are all such functions)
   memory O(N0^2) whatever the calibration size).
 * `info`: `LayerInfo`: index (program order; the patch key is `fold_in(key, index)`), name,
   op ('dot_general' or 'conv'), weight_shape, groups, bits (from the `bits` rules, None when
-  the caller gave none), rows (total m), same (X~ is X), key, and helpers `group_slices()` and
-  `error(Q)` = ||X W - X~ Q||_F / ||X W||_F over all chunks.
+  the caller gave none), rows (total m), same (X~ is X), key, reduce_chunks (None, or the
+  run's C: sum statistics over rows with `qjax.mesh.exact_tmm`), and helpers `group_slices()`
+  and `error(Q)` = ||X W - X~ Q||_F / ||X W||_F over all chunks.
 * Return Q with W's shape (any float dtype; cast back to the weight's dtype by the driver), or
   (Q, extras) where extras are `LayerRecord` fields to fill in (e.g. {'delta': 0.01,
   'msq_error': 0.2}).
@@ -74,6 +75,7 @@ import jax
 import jax.extend.core as jcore
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from qjax import activations
@@ -275,6 +277,7 @@ class LayerInfo:
   leaf_shape: tuple[int, ...] = ()
   prov: program_lib.Prov | None = dataclasses.field(default=None, repr=False)
   layout: program_lib.MatrixLayout | None = dataclasses.field(default=None, repr=False)
+  reduce_chunks: int | None = None  # the run's deterministic-reduction chunks (`run`)
 
   def leaf_index(self) -> np.ndarray:
     """(N0, N1) int64: the flat index into the parameter leaf (shape `leaf_shape`) of every
@@ -542,19 +545,22 @@ def _last_use(program: program_lib.Program, jaxpr) -> dict:
   return cached[1]
 
 
-def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: tuple = ()):
+def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: tuple = (),
+             whole: tuple | None = None):
   """(single fn, pair fn, input vars, output vars) of eqns[start:stop] (cached per program).
 
   `single(*ins)` runs the segment for one stream; `pair(ins_f, ins_q)` runs it for both streams
   in one dispatch and also returns `_output_residuals` of the two values of each variable in
   `errs` (outputs of weight ops in the segment), so a stop costs one dispatch, not four.
+  `whole` = (input positions, a replicated NamedSharding): those inputs (split weights) are
+  constrained whole onto every device inside the segment (`run`'s `reduce_chunks`).
 
   Segments that are the same computation (the blocks of a deep model: same primitives, params,
   shapes and wiring, so the same printed jaxpr) share their jitted functions, hence one compile
   per distinct segment rather than one per layer; the same program compiles to the same
   executable, so sharing changes no value.
   """
-  key = (id(jaxpr), start, stop, errs)
+  key = (id(jaxpr), start, stop, errs) + (() if whole is None else (whole,))
   hit = program.segments.get(key)
   if hit is not None:
     return hit[1:]
@@ -578,12 +584,14 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: t
   sub = jcore.Jaxpr([], ins, sub_outs, eqns, effects, info)
   shared = program.segments.setdefault("by_text", {})
   try:
-    text = None if effects else (str(sub), err_pos)
+    text = None if effects else (str(sub), err_pos) + (() if whole is None else (whole,))
   except Exception:  # noqa: BLE001 -- an unprintable param: no sharing, still correct
     text = None
   fns = shared.get(text) if text is not None else None
   if fns is None:
     fn = jcore.jaxpr_as_fun(jcore.ClosedJaxpr(sub, []))
+    if whole is not None:
+      fn = functools.partial(_whole_weights, fn, *whole)
 
     def single(*args):
       return fn(*args)[:n_out]
@@ -598,6 +606,14 @@ def _segment(program: program_lib.Program, jaxpr, start: int, stop: int, errs: t
       shared[text] = fns
   program.segments[key] = (jaxpr, *fns, ins, outs)
   return (*fns, ins, outs)
+
+
+def _whole_weights(fn: Callable, positions: tuple[int, ...], sharding: NamedSharding, *args):
+  """`fn(*args)` with the args at `positions` constrained to `sharding` (replicated): XLA
+  all-gathers each split weight before its product, so no product sums partials across the
+  model axis (FSDP style: one segment's weights whole at a time, the params split at rest)."""
+  return fn(*[jax.lax.with_sharding_constraint(a, sharding) if i in positions else a
+              for i, a in enumerate(args)])
 
 
 def _peak_bytes(fn, *args) -> int:
@@ -665,8 +681,10 @@ class _Lockstep:
   def __init__(self, prep: Prepared, steps: Sequence[_Step], quantize_layer: QuantizeLayer,
                *, key: jax.Array, patch_p: float, patch_stride: str,
                bias_correction: bool, progress: Any, act: Any = None,
-               act_scales: Mapping[str, Any] | None = None, memory: bool = False):
+               act_scales: Mapping[str, Any] | None = None, memory: bool = False,
+               reduce_chunks: int | None = None):
     self.prep, self.program = prep, prep.program
+    self.reduce_chunks = reduce_chunks
     self.segment_memory = [] if memory else None  # (label, bytes) per segment run
     # Activation quantization: {stop index: ActSpec}; the quantized stream's input of those
     # stops is fake-quantized (`act_x`: per batch, for the stop being handled).
@@ -809,8 +827,11 @@ class _Lockstep:
 
   def segment(self, jaxpr, start: int, stop: int, envs_f, envs_q, errs=()) -> None:
     """Run eqns[start:stop] in both streams; `errs` = [(op, var)]: also those ops' errors."""
-    single, pair, ins, outs = _segment(self.program, jaxpr, start, stop,
-                                       tuple(var for _, var in errs))
+    err_vars = tuple(var for _, var in errs)
+    single, pair, ins, outs = _segment(self.program, jaxpr, start, stop, err_vars)
+    whole = None if self.reduce_chunks is None else self.whole(ins, envs_f, envs_q)
+    if whole is not None:
+      single, pair, ins, outs = _segment(self.program, jaxpr, start, stop, err_vars, whole)
     residuals = []
     for b, (env_f, env_q) in enumerate(zip(envs_f, envs_q)):
       args_f = [env_f[v] for v in ins]
@@ -827,6 +848,24 @@ class _Lockstep:
         env_f[v], env_q[v] = a, b
     for i, (op, _) in enumerate(errs):
       self.pending[op.index] = ([res[i] for res in residuals], 0.0)
+
+  def whole(self, ins: list, envs_f, envs_q) -> tuple | None:
+    """(positions, replicated sharding) of a segment's inputs made from parameters that some
+    stream has split over several devices of a mesh; None when there are none."""
+    prov = self.stack[-1][0].prov
+    positions, mesh = [], None
+    for i, v in enumerate(ins):
+      if v not in prov:
+        continue
+      for env in envs_f[:1] + envs_q[:1]:
+        s = getattr(env[v], "sharding", None)
+        if isinstance(s, NamedSharding) and not s.is_fully_replicated:
+          positions.append(i)
+          mesh = s.mesh
+          break
+    if not positions:
+      return None
+    return tuple(positions), NamedSharding(mesh, P())
 
   def scan(self, eqn, plans: list, envs_f, envs_q) -> tuple[list, list]:
     p = eqn.params
@@ -949,7 +988,7 @@ class _Lockstep:
                        weight_shape=tuple(W_op.shape), groups=layout.groups, bits=step.bits,
                        rows=rows, same=same, key=key, W=W, chunks=chunks,
                        leaf_shape=tuple(np.shape(self.program.leaves[op.leaf])), prov=op.prov,
-                       layout=layout)
+                       layout=layout, reduce_chunks=self.reduce_chunks)
       if len(chunks) == 1:  # make the data here: the quantizer's clock starts when it is ready
         jax.block_until_ready(list(chunks))
       t0 = time.perf_counter()
@@ -1043,7 +1082,7 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
             patch_stride: str = "kernel", key: jax.Array | None = None,
             progress: bool = False, method: str = "custom", act: Any = None,
             act_scales: Mapping[str, Any] | None = None,
-            memory: bool = False) -> tuple[PyTree, Report]:
+            memory: bool = False, reduce_chunks: int | None = None) -> tuple[PyTree, Report]:
   """One lockstep run on a prepared program (see `run`)."""
   start = time.perf_counter()
   steps = plan_steps(prep.program, bits, skip, last_layer_float)
@@ -1051,7 +1090,7 @@ def execute(prep: Prepared, quantize_layer: QuantizeLayer, *, bits: Any = None,
   lock = _Lockstep(prep, steps, quantize_layer, key=jax.random.key(0) if key is None else key,
                    patch_p=patch_p, patch_stride=patch_stride,
                    bias_correction=bias_correction, progress=bar, act=act,
-                   act_scales=act_scales, memory=memory)
+                   act_scales=act_scales, memory=memory, reduce_chunks=reduce_chunks)
   lock.run()
   bar.close()
   records = []
@@ -1103,7 +1142,7 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
         key: jax.Array | None = None, apply_kwargs: Mapping[str, Any] | None = None,
         progress: bool = False, method: str = "custom", act: Any = None,
         act_scales: Mapping[str, Any] | None = None,
-        memory: bool = False) -> tuple[PyTree, Report]:
+        memory: bool = False, reduce_chunks: int | None = None) -> tuple[PyTree, Report]:
   """Quantize every weight op of `apply_fn(params, batch)` in one lockstep pass.
 
   Args:
@@ -1133,14 +1172,23 @@ def run(params: PyTree, apply_fn: Callable, batch: Any, quantize_layer: Quantize
     act_scales: static activation scales by layer name (`qjax.calibrate_activations`).
     memory: also compile each segment's two-stream function once more for XLA's memory
       analysis (`Report.segment_bytes`; `plan_segments`).
+    reduce_chunks: None (default), or C: a deterministic reduction, so that one device and
+      every (data, model) mesh give the same Q bit for bit. Each data-row sum of a layer's
+      statistics (the quantizers' Grams / Hessians, `info.reduce_chunks`) is C fixed chunks'
+      partial sums added in a fixed order (`qjax.mesh.exact_tmm`: C must divide every layer's
+      rows per batch and be a multiple of the devices the rows are split over; it holds C
+      N0 x N0 float32 partials at once), and the segments use each split weight whole on every
+      device (all-gathered one segment at a time; the params stay split at rest and in the
+      result), so no forward product sums partials across devices.
 
   Returns:
     (quantized params, `Report`).
   """
   check_options(patch_p, patch_stride, key)
+  mesh_lib.check_reduce_chunks(reduce_chunks)
   rules.check(act, "act", activations.check_act)
   prep = prepare(params, apply_fn, batch, apply_kwargs)
   return execute(prep, quantize_layer, bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
                  key=key, progress=progress, method=method, act=act, act_scales=act_scales,
-                 memory=memory)
+                 memory=memory, reduce_chunks=reduce_chunks)

@@ -9,6 +9,15 @@ shards (one all-reduce, inserted by XLA), GPTQ's column loop runs with its outpu
 over the model axis (its rows are independent given H), and the returned params carry the
 input's shardings (`keep_shardings`).
 
+The same Q as one device, bit for bit: on a small model the default path gives it, but on deep
+ones the streams drift apart (a data-split Gram's all-reduce adds the shards' partials in
+another order than one device's product; a product with a kernel split over its fan-in, or a
+layer norm over features split by the previous kernel, sums partials across the model axis).
+`reduce_chunks=C` on `qjax.gptq` / `qjax.gpfq` / `qjax.qronos` (`qjax.driver.run`) makes the
+reduction deterministic: every Gram is C fixed row chunks added in a fixed order (`exact_tmm`)
+and the segments use each split weight whole (all-gathered inside the segment), so every mesh
+gives the one-device Q of the same C.
+
 `memory_plan` estimates the bytes per device before a long run (weights of both streams, the
 largest layer's Hessian, the activations of both streams at the widest stop); `compiled_bytes`
 reads XLA's compiled memory analysis of a jitted function on the real shardings, and
@@ -146,6 +155,51 @@ def reshard(x: jax.Array, sharding: NamedSharding) -> jax.Array:
   if len(x.sharding.device_set) > 1 and not x.is_fully_replicated:
     return _identity_to(sharding)(x)
   return jax.device_put(x, sharding)
+
+
+def check_reduce_chunks(reduce_chunks: Any) -> None:
+  """ValueError naming `reduce_chunks` unless it is None or a positive int."""
+  if reduce_chunks is None:
+    return
+  if isinstance(reduce_chunks, bool) or not isinstance(reduce_chunks, (int, np.integer)) or (
+      reduce_chunks < 1):
+    raise ValueError(f"reduce_chunks must be None or a positive int, got {reduce_chunks!r}")
+
+
+def row_shards(x: Any) -> int:
+  """How many devices split the rows (leading axis) of `x` (1 for host arrays and tracers)."""
+  s = getattr(x, "sharding", None)
+  if isinstance(x, jax.core.Tracer) or s is None or np.ndim(x) == 0 or not x.shape[0]:
+    return 1
+  return x.shape[0] // s.shard_shape(x.shape)[0]
+
+
+def check_chunk_rows(x: Any, reduce_chunks: int) -> None:
+  """ValueError naming `reduce_chunks` unless it divides the rows of `x` and is a multiple of
+  the number of devices its rows are split over (each chunk then lives on one device)."""
+  rows, shards = int(np.shape(x)[0]), row_shards(x)
+  if rows % reduce_chunks or reduce_chunks % shards:
+    raise ValueError(f"reduce_chunks={reduce_chunks} must divide the {rows} rows of a layer's "
+                     f"data and be a multiple of the {shards} devices they are split over")
+
+
+def exact_tmm(a: jax.Array, b: jax.Array, reduce_chunks: int) -> jax.Array:
+  """a^T b (rows of a and b summed) in an order that does not depend on the devices.
+
+  The rows are cut into `reduce_chunks` fixed chunks (`check_chunk_rows`: each chunk on one
+  device); one batched product gives the chunks' partial sums, every chunk's product the same
+  shape on one device and on any mesh, and the partials are added in the fixed order c = 0, 1,
+  ... (elementwise adds: bitwise the same wherever they run). On a data-split mesh a plain
+  a^T b lets XLA sum the shards' partials in its own order instead, a few ulp off one device's
+  product. Cost: the C partials (C x a.shape[1] x b.shape[1], float32) are held at once.
+  """
+  c, n = reduce_chunks, a.shape[0]
+  parts = jax.lax.dot_general(a.reshape(c, n // c, a.shape[1]), b.reshape(c, n // c, b.shape[1]),
+                              (((1,), (1,)), ((0,), (0,))), precision=jax.lax.Precision.HIGHEST)
+  out = parts[0]
+  for i in range(1, c):
+    out = out + parts[i]
+  return out
 
 
 def per_device_bytes(tree: PyTree) -> int:

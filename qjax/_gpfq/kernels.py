@@ -74,6 +74,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Protocol
 import jax
 import jax.numpy as jnp
 
+from qjax import mesh as mesh_lib
 from qjax.alphabets import msq
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -219,16 +220,21 @@ def gram_form(W, H, G, rounder, block_size: int) -> jax.Array:
   return Q[:N0]
 
 
-@jax.jit
-def add_gram(H, G, x, xt):
-  """H + Xt^T Xt and G + Xt^T X for one chunk of rows."""
-  return H + tmm(xt, xt), G + tmm(xt, x)
+def _tmm_rows(a: jax.Array, b: jax.Array, reduce_chunks: int | None) -> jax.Array:
+  """a^T b; with `reduce_chunks`, its rows summed in a device-independent order."""
+  return tmm(a, b) if reduce_chunks is None else mesh_lib.exact_tmm(a, b, reduce_chunks)
 
 
-@jax.jit
-def add_gram_same(H, x):
-  """H + X^T X for one chunk of rows (X_tilde = X: G = H)."""
-  return H + tmm(x, x)
+@functools.partial(jax.jit, static_argnames=("reduce_chunks",))
+def add_gram(H, G, x, xt, reduce_chunks=None):
+  """H + Xt^T Xt and G + Xt^T X for one chunk of rows (`reduce_chunks`: `_tmm_rows`)."""
+  return H + _tmm_rows(xt, xt, reduce_chunks), G + _tmm_rows(xt, x, reduce_chunks)
+
+
+@functools.partial(jax.jit, static_argnames=("reduce_chunks",))
+def add_gram_same(H, x, reduce_chunks=None):
+  """H + X^T X for one chunk of rows (X_tilde = X: G = H; `reduce_chunks`: `_tmm_rows`)."""
+  return H + _tmm_rows(x, x, reduce_chunks)
 
 
 def pairs(X: Any, X_tilde: Any) -> Iterable[tuple[Any, Any]]:
@@ -239,21 +245,24 @@ def pairs(X: Any, X_tilde: Any) -> Iterable[tuple[Any, Any]]:
     yield from X
 
 
-def gram_from_chunks(chunks: Iterable[tuple[Any, Any]], N0: int,
-                     dtype: Any) -> tuple[jax.Array, jax.Array]:
+def gram_from_chunks(chunks: Iterable[tuple[Any, Any]], N0: int, dtype: Any,
+                     reduce_chunks: int | None = None) -> tuple[jax.Array, jax.Array]:
   """H = Xt^T Xt and G = Xt^T X summed over (x, xt) chunks (memory O(N0^2), whatever m).
 
-  While every chunk has xt is x, only H is accumulated and G is H.
+  While every chunk has xt is x, only H is accumulated and G is H. `reduce_chunks`: each
+  chunk's rows summed in a device-independent order (`qjax.mesh.exact_tmm`).
   """
   H = G = jnp.zeros((N0, N0), dtype)
   same = True
   for x, xt in chunks:
     previous = H
+    if reduce_chunks is not None:
+      mesh_lib.check_chunk_rows(x, reduce_chunks)
     if x is xt and same:
-      H = G = add_gram_same(H, jnp.asarray(x, dtype))
+      H = G = add_gram_same(H, jnp.asarray(x, dtype), reduce_chunks)
     else:
       same = False
-      H, G = add_gram(H, G, jnp.asarray(x, dtype), jnp.asarray(xt, dtype))
+      H, G = add_gram(H, G, jnp.asarray(x, dtype), jnp.asarray(xt, dtype), reduce_chunks)
     # Wait for the previous chunk's GEMM: without it, asynchronous dispatch lets a fast producer
     # queue every chunk in memory.
     if not isinstance(previous, jax.core.Tracer):
@@ -262,16 +271,17 @@ def gram_from_chunks(chunks: Iterable[tuple[Any, Any]], N0: int,
 
 
 def run(W: Any, X: Any, X_tilde: Any, rounder: Any, method: str, block_size: int, same: bool,
-        dtype: Any) -> jax.Array:
+        dtype: Any, reduce_chunks: int | None = None) -> jax.Array:
   """Q on one device in `dtype` by `method` ("scan": X, X_tilde arrays; "gram": arrays or an
-  iterable of (x, xt) chunks in X), for inputs already checked (`qjax._gpfq.layer`)."""
+  iterable of (x, xt) chunks in X), for inputs already checked (`qjax._gpfq.layer`);
+  `reduce_chunks` (Gram form only): `gram_from_chunks`'s deterministic row sums."""
   W = jnp.asarray(W, dtype)
   if method == "scan":
     (x, xt), = pairs(X, X_tilde)
     x = jnp.asarray(x, dtype)
     return data_form(W, x, x if same else jnp.asarray(xt, dtype), rounder, block_size=block_size,
                      same=same)
-  H, G = gram_from_chunks(pairs(X, X_tilde), W.shape[0], dtype)
+  H, G = gram_from_chunks(pairs(X, X_tilde), W.shape[0], dtype, reduce_chunks)
   return gram_form(W, H, G, rounder, block_size=block_size)
 
 

@@ -18,6 +18,7 @@ from qjax._gpfq import rounders
 from qjax._gpfq import sharded
 from qjax._gpfq.kernels import GpfqFlops
 from qjax import grids
+from qjax import mesh as mesh_lib
 
 Method = Literal["auto", "scan", "gram"]
 
@@ -238,7 +239,7 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
                block_size: int | None = None, dtype: Any = jnp.float32, mesh: Any = None,
                data_axis: str | None = "data", model_axis: str | None = "model",
                quantizer: str = "msq", key: Any = None, lambda_: Any = None,
-               act_order: bool = False) -> jax.Array:
+               act_order: bool = False, reduce_chunks: int | None = None) -> jax.Array:
   """Quantize one layer with GPFQ (paper Eq. 7-8), all neurons (columns of W) in parallel.
 
   Args:
@@ -277,6 +278,10 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
     act_order: process the inputs in order of decreasing diag(X~^T X~) (GPTQ's act-order; both
       forms and the mesh path): W's rows and the data's columns are permuted, every row still
       rounds onto the grid (group) of its original position, Q comes back in the original order.
+    reduce_chunks: None, or C: the Gram form with H and G summed over C fixed row chunks in a
+      fixed order (`qjax.mesh.exact_tmm`), so rows split over devices (GSPMD) give the
+      one-device Q bit for bit; C divides the rows of every chunk and is a multiple of the
+      devices they are split over; C x N0 x N0 float32 partials at once. Not with a mesh.
 
   Returns:
     Q, shape and dtype of W, every entry a value of the rounder (in `levels` for an alphabet);
@@ -293,17 +298,24 @@ def gpfq_layer(W: Any, X: Any, X_tilde: Any, levels: Any, *, method: Method = "a
   if act_order:
     perm, Wp, (Xp, Xtp), levels = _act_order(W, X, X_tilde, levels)
     Q = gpfq_layer(Wp, Xp, Xtp, levels, method=method, block_size=block_size, dtype=dtype,
-                   mesh=mesh, data_axis=data_axis, model_axis=model_axis)
+                   mesh=mesh, data_axis=data_axis, model_axis=model_axis,
+                   reduce_chunks=reduce_chunks)
     return jnp.zeros_like(Q).at[perm].set(Q)
+  mesh_lib.check_reduce_chunks(reduce_chunks)
+  if reduce_chunks is not None:
+    method = "gram"  # the data form's block sums over rows are not chunked
   rounder, X, X_tilde, same, B, method = _prepare(W, X, X_tilde, levels, method, block_size,
                                                   dtype)
   mesh = sharded.resolve_mesh(mesh)
+  if mesh is not None and reduce_chunks is not None:
+    raise ValueError("reduce_chunks is for GSPMD placements (arrays on a mesh, mesh=None), not "
+                     "with the shard_map path of mesh=")
   if mesh is not None:
     sharded.check_mesh(mesh, data_axis, model_axis, W.shape[1])
     return sharded.gpfq_layer_sharded(W, X, X_tilde, rounder, mesh=mesh, method=method,
                                       data_axis=data_axis, model_axis=model_axis,
                                       block_size=B, dtype=dtype)
-  Q = kernels.run(W, X, X_tilde, rounder, method, B, same, dtype)
+  Q = kernels.run(W, X, X_tilde, rounder, method, B, same, dtype, reduce_chunks)
   if not _all_finite(Q):
     raise ValueError(f"GPFQ's result contains NaN or Inf: W (max |W| = "
                      f"{float(jnp.max(jnp.abs(W))):.3g}) times the inputs overflows float32; "

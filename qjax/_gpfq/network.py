@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from qjax import alphabets
 from qjax import driver
 from qjax import grids
+from qjax import mesh as mesh_lib
 from qjax import rules
 from qjax import views as views_lib
 from qjax._gpfq import rounders as rounders_lib
@@ -79,6 +80,7 @@ def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis,
     if (W.shape[1] // info.groups) % mesh.shape[model_axis]:
       model_axis = None
   pairs = list(chunks) if len(chunks) == 1 else None
+  exact = getattr(info, "reduce_chunks", None)
   blocks = []
   for g, (rows, cols) in enumerate(info.group_slices()):
     if pairs is not None:  # one batch: arrays (gpfq_layer picks the cheaper form)
@@ -93,7 +95,7 @@ def _gpfq_groups(W, chunks, info, levels, method, mesh, data_axis, model_axis,
     target = levels(g, cols) if callable(levels) else levels
     blocks.append(gpfq_layer(W[:, cols], *data, target, method=method, mesh=mesh,
                              data_axis=data_axis, model_axis=model_axis,
-                             act_order=act_order))
+                             act_order=act_order, reduce_chunks=exact))
   return jnp.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
 
 
@@ -130,6 +132,9 @@ def _quantizer(kind: str, C: float, rule: Rule, method: str = "auto", mesh: Any 
     return make
 
   def quantize_layer(name: str, W: jax.Array, chunks: driver.Chunks, info: driver.LayerInfo):
+    if getattr(info, "reduce_chunks", None) is not None:
+      # W whole: its alphabet's statistics and the Gram form's G W sum over its split rows.
+      W = mesh_lib.replicated(W)
     if grid is not None:
       spec = grid[name] if isinstance(grid, Mapping) else grid
       fitted = grids.fit(W, spec)
@@ -221,7 +226,8 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
          progress: bool, mesh: Any = None, data_axis: str | None = "data",
          model_axis: str | None = "model", grid: Any = None, rounding: str = "msq",
          lambda_: Any = None, grids_out: views_lib.Targets | None = None, act: Any = None,
-         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
+         act_scales: Any = None, act_order: bool = False,
+         reduce_chunks: int | None = None) -> tuple[PyTree, Report]:
   start = time.perf_counter()
   # -- eager validation, cheapest first.
   if rule not in DEFAULT_C:
@@ -251,11 +257,16 @@ def _run(quantizer: str, params: PyTree, apply_fn: Callable, batch: PyTree, *,
   if method not in ("auto", "scan", "gram"):
     raise ValueError(f"method must be 'auto', 'scan' or 'gram', got {method!r}")
   driver.check_options(patch_p, patch_stride, key)
+  mesh_lib.check_reduce_chunks(reduce_chunks)
+  if reduce_chunks is not None and resolve_mesh(mesh) is not None:
+    raise ValueError("reduce_chunks is for GSPMD placements (params and batch on a mesh, "
+                     "mesh=None), not with mesh= (the shard_map path)")
   key = jax.random.key(0) if key is None else key
   round_key = jax.random.fold_in(key, _ROUND_SALT) if rounding == "stochastic" else None
   options = dict(bits=bits, skip=skip, last_layer_float=last_layer_float,
                  bias_correction=bias_correction, patch_p=patch_p, patch_stride=patch_stride,
-                 key=key, progress=progress, method=quantizer, act=act, act_scales=act_scales)
+                 key=key, progress=progress, method=quantizer, act=act, act_scales=act_scales,
+                 reduce_chunks=reduce_chunks)
   rules.check(act, "act", driver.activations.check_act)
   make = lambda c, g=None, out=grids_out: _quantizer(  # noqa: E731
       quantizer, c, rule, method, mesh, data_axis, model_axis, grid=g, quantizer=rounding,
@@ -373,6 +384,11 @@ _COMMON_DOC = """
     lambda_: (`gpfq` only) the threshold of the thresholding quantizers, in weight units.
     act_order: (`gpfq` only) quantize each layer's inputs in order of decreasing
       diag(X~^T X~) (`gpfq_layer(act_order=True)`); grids keep each input's original group.
+    reduce_chunks: (`gpfq` only) None, or C for a deterministic reduction: each layer's Grams
+      H, G summed over C fixed row chunks in a fixed order (the Gram form,
+      `gpfq_layer(reduce_chunks=C)`), each weight used whole in the forward segments and the
+      kernel, so one device and every mesh of `qjax.mesh.shard_params` / `shard_batch`
+      placements give the same Q bit for bit (`qjax.driver.run`; C x N0 x N0 float32 at once).
     return_grids: also return a `qjax.views.Targets` {layer name: fitted `qjax.grids.Grid`, or
       the alphabet} that carries each grid's view (the layer's matrix), so
       `qjax.export.pack(q, grids)` packs every layer exactly.
@@ -407,7 +423,8 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
          model_axis: str | None = "model", grid: GridRules | None = None,
          quantizer: str = "msq", lambda_: float | None = None,
          return_grids: bool = False, act: Any = None,
-         act_scales: Any = None, act_order: bool = False) -> tuple[PyTree, Report]:
+         act_scales: Any = None, act_order: bool = False,
+         reduce_chunks: int | None = None) -> tuple[PyTree, Report]:
   fitted = views_lib.Targets()
   q_params, report = _run(
       "gpfq", params, apply_fn, batch, bits=bits, C=C, rule=rule, skip=skip,
@@ -416,7 +433,7 @@ def gpfq(params: PyTree, apply_fn: Callable, batch: PyTree, *, bits: Bits | None
       holdout_fraction=holdout_fraction, holdout_loss=holdout_loss, apply_kwargs=apply_kwargs,
       progress=progress, mesh=mesh, data_axis=data_axis, model_axis=model_axis, grid=grid,
       rounding=quantizer, lambda_=lambda_, grids_out=fitted if return_grids else None,
-      act=act, act_scales=act_scales, act_order=act_order)
+      act=act, act_scales=act_scales, act_order=act_order, reduce_chunks=reduce_chunks)
   return (q_params, report, fitted) if return_grids else (q_params, report)
 
 
