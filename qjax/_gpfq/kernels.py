@@ -52,7 +52,7 @@ pytree) with one method::
   shared leaves and t): neurons are independent, which is what makes the sharded Q exact.
 * `round_row` is pure: it is traced once per compiled form and must not read global state.
 
-Examples of rounders (`qjax.grids` and the quantizers of `qjax.alphabets`):
+Examples of rounders (`qjax._gpfq.rounders` and the quantizers of `qjax.alphabets`):
 
 * `Levels(levels)`: the paper's nearest level of one sorted alphabet (Eq. 5); what a 1-D `levels`
   array passed to `gpfq_layer` becomes.
