@@ -116,7 +116,7 @@ def test_rtn_pack_unpack_save_restore(tmp_path):
   assert layers["Conv_0"]["ideal_bytes"] == layers["Conv_0"]["storage_bytes"]  # 8 bits
   assert layers["Dense_0"]["ideal_bytes"] < layers["Dense_0"]["storage_bytes"]  # 3 in 4
   # The file holds the payload plus orbax's metadata (a few KiB, ~0.5 KiB per array).
-  arrays = len(jax.tree.leaves(export._to_state(packed)))
+  arrays = len(jax.tree.leaves(export.checkpoint._to_state(packed)))
   payload = rep["total_bytes"] + 8 * arrays  # + the int64 meta rows
   overhead = on_disk - payload
   assert 0 <= overhead <= 8192 + 600 * arrays, (on_disk, payload)
