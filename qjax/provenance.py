@@ -2,9 +2,9 @@
 
 The candidate leaves of a params tree (`param_leaves`) are the roots. `qjax.program`'s walker
 follows each one through layout-only ops (casts, reshapes, transposes, ...) and scan slices,
-recording the chain in a `Prov`. The chain maps the leaf's entries one to one onto the operand's,
-so an operand entry has a flat leaf index (`operand_index`) and a quantized operand can be
-written back into its leaf (`write_back`).
+recording the chain in a `Prov`. The chain only moves, relabels or casts entries (a scan slice
+takes part of the leaf), so every operand entry has a flat leaf index (`operand_index`) and a
+quantized operand can be written back into its leaf (`write_back`).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ class Prov:
   """A variable that is parameter leaf `leaf` after the layout `steps`.
 
   Attributes:
-    leaf: index into `Program.leaves`.
+    leaf: index into `qjax.program.Program.leaves`.
     steps: ('eqn', JaxprEqn) layout ops and ('index', i) scan slices, applied in order.
     replicated: a broadcast in the chain copies entries (fine for a bias, not for a weight).
   """
