@@ -9,16 +9,10 @@ attention projection, `Embed.attend`, Conv, ConvTranspose or a hand-written `x @
 in linen, NNX, equinox or plain JAX alike. Each op is named by its parameter's pytree path
 (`qjax.rules.path_name`: 'params/block1/Conv_0/kernel' -> 'block1/Conv_0').
 
-A weight op is a matrix problem as in GPFQ (Zhang, Zhou & Saab, "Post-training quantization for
-neural networks with provable guarantees", Eq. 7-8): W (N0, N1) = (the weight's contracting dims,
-flattened) x (its free dims, flattened), X (m, N0) = the other operand with every other dim
-flattened into rows. A `dot_general` batch dim on the weight (grouped or per-expert weights) and
-a conv's `feature_group_count` give G independent problems; they are laid out side by side:
-W (N0, G*N1g), X (m, G*N0), problem g = (X[:, g*N0:(g+1)*N0], W[:, g*N1g:(g+1)*N1g])
-(`group_slices`). A convolution becomes a matrix product on vectorized image patches (Sec. 2.3 of
-the paper), taken from the op's own dimension numbers, padding, dilations and groups
-(`conv_rows`); rows of a conv matrix are channel-major (Cin, k1, ..., kn), matching
-`jax.lax.conv_general_dilated_patches`.
+Each weight op is a matrix problem W, X (`qjax.layouts`), a conv's X made of its input's patches
+(`qjax.patches`); the layout chain from the leaf to the weight operand (`qjax.provenance`) says
+which leaf entries W holds and how a quantized W goes back into the leaf. The names of those
+modules that the driver and the methods use are re-exported here.
 
 A `lax.scan` over stacked weights (linen `nn.scan`, NNX / plain scans) is one layer per
 iteration: the stops of its body are listed once per iteration, slice i of the stacked weight
@@ -33,19 +27,20 @@ The result is a tree of `FramePlan`s (one per program body the driver walks into
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.extend.core as jcore
-import jax.numpy as jnp
-import numpy as np
 
-from qjax import rules
+# Re-exported (noqa): the driver and the methods reach these as `qjax.program.X`.
+from qjax.layouts import (MatrixLayout, conv_layout, dot_layout, dot_rows,  # noqa: F401
+                          group_slices, leaf_index, matrix_to_weight, weight_to_matrix)
+from qjax.patches import ConvSpec, conv_rows  # noqa: F401
+from qjax.provenance import (Prov, apply_steps, param_leaves, strip_value,  # noqa: F401
+                             write_back)
 
 PyTree = Any
-PatchStride = Literal["kernel", "layer"]
 
 # Ops that only move, relabel or cast a weight's entries: a chain of them from a parameter leaf
 # to an operand keeps a one-to-one map between the two (broadcast_in_dim only while it adds
@@ -59,274 +54,12 @@ CALL_PRIMS = frozenset({"pjit", "jit", "closed_call", "core_call", "custom_jvp_c
 WEIGHT_PRIMS = frozenset({"dot_general", "conv_general_dilated"})
 
 
-# ---------------------------------------------------------------------------------------------
-# Provenance: which parameter leaf (and which layout steps) a program variable comes from.
-
-
-@dataclasses.dataclass(frozen=True)
-class Prov:
-  """A variable that is parameter leaf `leaf` after the layout `steps`.
-
-  Attributes:
-    leaf: index into `Program.leaves`.
-    steps: ('eqn', JaxprEqn) layout ops and ('index', i) scan slices, applied in order.
-    replicated: a broadcast in the chain copies entries (fine for a bias, not for a weight).
-  """
-  leaf: int
-  steps: tuple = ()
-  replicated: bool = False
-
-  @property
-  def slice_key(self) -> tuple[int, ...]:
-    """The scan iterations that select this slice of the leaf (() for the whole leaf)."""
-    return tuple(s[1] for s in self.steps if s[0] == "index")
-
-
-def apply_steps(value: jax.Array, steps: Sequence[tuple], *, index_only: bool = False
-                ) -> jax.Array:
-  """The layout chain applied to a leaf value (`index_only`: skip dtype casts, for iotas)."""
-  for step in steps:
-    if step[0] == "index":
-      value = value[step[1]]
-      continue
-    eqn = step[1]
-    if eqn.primitive.name == "convert_element_type":
-      if index_only:
-        continue
-    value = eqn.primitive.bind(value, **eqn.params)
-  return value
-
-
-def operand_index(leaf_shape: Sequence[int], prov: Prov) -> jax.Array:
-  """int32, the operand's shape: the flat leaf index of every entry of the operand."""
-  iota = jnp.arange(math.prod(leaf_shape), dtype=jnp.int32).reshape(tuple(leaf_shape))
-  return apply_steps(iota, prov.steps, index_only=True)
-
-
-def write_back(leaf_value: jax.Array, prov: Prov, operand: jax.Array) -> jax.Array:
-  """The leaf with the entries that `prov.steps` maps onto the operand replaced by `operand`.
-
-  The chain is a permutation of entries (plus casts and slices), so applying it to an iota of
-  flat leaf indices tells where each operand entry lives in the leaf.
-  """
-  if not prov.steps and operand.shape == leaf_value.shape:  # the leaf is the operand
-    return operand if operand.dtype == leaf_value.dtype else operand.astype(leaf_value.dtype)
-  leaf_value = jnp.asarray(leaf_value)  # a NumPy leaf has no .at
-  where = operand_index(leaf_value.shape, prov)
-  flat = leaf_value.reshape(-1).at[where.reshape(-1)].set(
-      operand.reshape(-1).astype(leaf_value.dtype))
-  return flat.reshape(leaf_value.shape)
-
-
 def _replicates(eqn) -> bool:
   """A broadcast_in_dim that copies entries (a new dim of size > 1 or a size-1 dim grown)."""
   if eqn.primitive.name != "broadcast_in_dim":
     return False
   in_shape = eqn.invars[0].aval.shape
   return math.prod(eqn.params["shape"]) != math.prod(in_shape)
-
-
-# ---------------------------------------------------------------------------------------------
-# Weight ops as matrices.
-
-
-@dataclasses.dataclass(frozen=True)
-class MatrixLayout:
-  """How a weight op's weight operand and data operand become W (N0, G*N1g) and X (m, G*N0).
-
-  Attributes:
-    kind: 'dot_general' or 'conv'.
-    side: which operand of the eqn is the weight (0 or 1).
-    w_perm: permutation of the weight operand to (group dims, contracting dims, free dims).
-    w_shapes: sizes of those three dim groups (after the permutation).
-    x_perm: permutation of the data operand to (group dims, free dims, contracting dims)
-      (dot_general only).
-    groups: G, independent problems.
-    N0, N1g: rows of one problem, neurons of one problem.
-  """
-  kind: str
-  side: int
-  w_perm: tuple[int, ...]
-  w_shapes: tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-  x_perm: tuple[int, ...]
-  groups: int
-  N0: int
-  N1g: int
-
-  @property
-  def N1(self) -> int:
-    return self.groups * self.N1g
-
-
-def _dot_layout(eqn, side: int) -> MatrixLayout:
-  (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-  wc, xc = (rc, lc) if side == 1 else (lc, rc)
-  wb, xb = (rb, lb) if side == 1 else (lb, rb)
-  w_shape = eqn.invars[side].aval.shape
-  x_shape = eqn.invars[1 - side].aval.shape
-  w_free = tuple(d for d in range(len(w_shape)) if d not in wc and d not in wb)
-  x_free = tuple(d for d in range(len(x_shape)) if d not in xc and d not in xb)
-  sizes = lambda dims: tuple(w_shape[d] for d in dims)  # noqa: E731
-  return MatrixLayout(
-      kind="dot_general", side=side, w_perm=tuple(wb) + tuple(wc) + w_free,
-      w_shapes=(sizes(wb), sizes(wc), sizes(w_free)),
-      x_perm=tuple(xb) + x_free + tuple(xc), groups=math.prod(sizes(wb)),
-      N0=math.prod(sizes(wc)), N1g=math.prod(sizes(w_free)))
-
-
-def _conv_layout(eqn) -> MatrixLayout:
-  dn = eqn.params["dimension_numbers"]
-  out_d, in_d, *spatial = dn.rhs_spec
-  w_shape = eqn.invars[1].aval.shape
-  G = int(eqn.params["feature_group_count"])
-  kernel = tuple(w_shape[d] for d in spatial)
-  return MatrixLayout(
-      kind="conv", side=1, w_perm=(in_d,) + tuple(spatial) + (out_d,),
-      w_shapes=((), (w_shape[in_d],) + kernel, (w_shape[out_d],)), x_perm=(), groups=G,
-      N0=w_shape[in_d] * math.prod(kernel), N1g=w_shape[out_d] // G)
-
-
-@functools.partial(jax.jit, static_argnames=("layout",))
-def weight_to_matrix(w: jax.Array, layout: MatrixLayout) -> jax.Array:
-  """The weight operand as W (N0, G*N1g), problem g in columns [g*N1g, (g+1)*N1g)."""
-  w = jnp.transpose(w, layout.w_perm)
-  if layout.kind == "conv":  # (Cin_g, k1..kn, Cout): Cout is already group-major
-    return w.reshape(layout.N0, -1)
-  w = w.reshape(layout.groups, layout.N0, layout.N1g)
-  if layout.groups == 1:
-    return w[0]
-  return jnp.transpose(w, (1, 0, 2)).reshape(layout.N0, layout.N1)
-
-
-def leaf_index(leaf_shape: Sequence[int], prov: Prov, layout: MatrixLayout) -> np.ndarray:
-  """(N0, N1) int64: the flat index into the leaf of every entry of the op's matrix W, so
-  W == leaf.reshape(-1)[leaf_index(...)] (a scan slice covers part of the leaf)."""
-  return np.asarray(weight_to_matrix(operand_index(leaf_shape, prov), layout), dtype=np.int64)
-
-
-def matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
-  """Inverse of `weight_to_matrix`: W (N0, G*N1g) back to the weight operand's layout."""
-  bshape, cshape, fshape = layout.w_shapes
-  if (layout.groups == 1 and len(cshape) == 1 and len(fshape) == 1 and not bshape
-      and layout.w_perm == (0, 1)):
-    return Q  # a Dense-layout kernel is its own matrix (no reshape: keeps a sharded Q as is)
-  return _matrix_to_weight(Q, layout)
-
-
-@functools.partial(jax.jit, static_argnames=("layout",))
-def _matrix_to_weight(Q: jax.Array, layout: MatrixLayout) -> jax.Array:
-  bshape, cshape, fshape = layout.w_shapes
-  if layout.kind == "conv":
-    w = Q.reshape(cshape + fshape)
-  else:
-    w = jnp.transpose(Q.reshape(layout.N0, layout.groups, layout.N1g), (1, 0, 2))
-    w = w.reshape(bshape + cshape + fshape)
-  return jnp.transpose(w, np.argsort(layout.w_perm))
-
-
-def group_slices(N0: int, N1: int, groups: int) -> list[tuple[slice, slice]]:
-  """(rows of X, columns of W) of each of the G problems of a layer laid out side by side."""
-  if N1 % groups:
-    raise ValueError(f"N1={N1} is not divisible by the {groups} groups")
-  n1 = N1 // groups
-  return [(slice(g * N0, (g + 1) * N0), slice(g * n1, (g + 1) * n1)) for g in range(groups)]
-
-
-@functools.partial(jax.jit, static_argnames=("layout",))
-def dot_rows(x: jax.Array, layout: MatrixLayout) -> jax.Array:
-  """The data operand of a dot_general as X (m, G*N0) (rows: every non-contracted dim)."""
-  x = jnp.transpose(x, layout.x_perm)
-  if layout.groups == 1:
-    return x.reshape(-1, layout.N0)
-  x = x.reshape(layout.groups, -1, layout.N0)
-  return jnp.transpose(x, (1, 0, 2)).reshape(x.shape[1], -1)
-
-
-def sample_patch_indices(key: jax.Array, n_images: int, n_positions: int,
-                         p: float) -> jax.Array:
-  """Random positions, ceil(p * T) distinct ones per image (Sec. 3.1, p = 0.25 in the paper).
-
-  Returns:
-    (n_images, ceil(p * T)) int32 indices into the T positions, sorted per image.
-  """
-  if not 0.0 < p <= 1.0:
-    raise ValueError(f"patch fraction p must be in (0, 1], got {p}")
-  keep = max(1, math.ceil(p * n_positions - 1e-9))
-  if keep >= n_positions:
-    return jnp.broadcast_to(jnp.arange(n_positions, dtype=jnp.int32), (n_images, n_positions))
-  keys = jax.random.split(key, n_images)
-  idx = jax.vmap(lambda k: jax.random.permutation(k, n_positions)[:keep])(keys)
-  return jnp.sort(idx, axis=1).astype(jnp.int32)
-
-
-def _nhwc(x: jax.Array, lhs_spec: Sequence[int]) -> jax.Array:
-  """The conv input as (N, spatial..., C)."""
-  perm = (lhs_spec[0],) + tuple(lhs_spec[2:]) + (lhs_spec[1],)
-  return x if perm == tuple(range(x.ndim)) else jnp.transpose(x, perm)
-
-
-def conv_patches(x: jax.Array, kernel_size: Sequence[int], strides: Sequence[int],
-                 padding: Sequence[tuple[int, int]], *, lhs_dilation: Sequence[int],
-                 rhs_dilation: Sequence[int]) -> jax.Array:
-  """Vectorized patches (N, T, Cin*k1*...*kn) of a channels-last input, features channel-major
-  (Cin, k1, ..., kn), T positions in row-major order of the patch grid (Sec. 2.3)."""
-  n = len(kernel_size)
-  dn = jax.lax.ConvDimensionNumbers(lhs_spec=(0, n + 1) + tuple(range(1, n + 1)),
-                                    rhs_spec=(n + 1, n) + tuple(range(n)),
-                                    out_spec=(0, n + 1) + tuple(range(1, n + 1)))
-  patches = jax.lax.conv_general_dilated_patches(
-      x, tuple(kernel_size), tuple(strides), tuple(tuple(p) for p in padding),
-      lhs_dilation=tuple(lhs_dilation), rhs_dilation=tuple(rhs_dilation), dimension_numbers=dn,
-      precision=jax.lax.Precision.HIGHEST)  # an exact copy, also on TPU
-  return patches.reshape(x.shape[0], -1, patches.shape[-1])
-
-
-@dataclasses.dataclass(frozen=True)
-class ConvSpec:
-  """The patch-relevant parameters of a conv_general_dilated eqn (hashable, for jit)."""
-  lhs_spec: tuple[int, ...]
-  kernel_size: tuple[int, ...]
-  strides: tuple[int, ...]
-  padding: tuple[tuple[int, int], ...]
-  lhs_dilation: tuple[int, ...]
-  rhs_dilation: tuple[int, ...]
-
-  @classmethod
-  def of(cls, eqn) -> ConvSpec:
-    p = eqn.params
-    dn = p["dimension_numbers"]
-    w_shape = eqn.invars[1].aval.shape
-    return cls(tuple(dn.lhs_spec), tuple(w_shape[d] for d in dn.rhs_spec[2:]),
-               tuple(p["window_strides"]), tuple(tuple(int(v) for v in q) for q in p["padding"]),
-               tuple(p["lhs_dilation"]), tuple(p["rhs_dilation"]))
-
-
-@functools.partial(jax.jit, static_argnames=("spec", "patch_p", "patch_stride"))
-def conv_rows(x: jax.Array, key: jax.Array | None, spec: ConvSpec, patch_p: float,
-              patch_stride: PatchStride) -> jax.Array:
-  """The data matrix X (m, G*N0) of a conv: its input's vectorized patches (Sec. 2.3).
-
-  Patches are taken at stride = the dilated kernel extent (disjoint patches, the paper's choice)
-  or at the conv's own strides, with the conv's own padding, and a fraction `patch_p` of each
-  image's positions is kept, drawn with `key` (the same key gives the same positions: that is
-  how X and X~ stay row-aligned).
-  """
-  x = _nhwc(x, spec.lhs_spec)
-  if patch_stride == "kernel":
-    strides = tuple((k - 1) * d + 1 for k, d in zip(spec.kernel_size, spec.rhs_dilation))
-  else:
-    strides = spec.strides
-  patches = conv_patches(x, spec.kernel_size, strides, spec.padding,
-                         lhs_dilation=spec.lhs_dilation, rhs_dilation=spec.rhs_dilation)
-  n_images, n_positions, features = patches.shape
-  if patch_p < 1.0:
-    idx = sample_patch_indices(key, n_images, n_positions, patch_p)
-    patches = jnp.take_along_axis(patches, idx[:, :, None], axis=1)
-  return patches.reshape(-1, features)
-
-
-# ---------------------------------------------------------------------------------------------
-# The program: weight ops, plans for the driver.
 
 
 @dataclasses.dataclass
@@ -416,35 +149,6 @@ class Program:
   rows: dict = dataclasses.field(default_factory=dict)
 
 
-def strip_value(path: tuple) -> tuple:
-  """Drop trailing `.value` attribute keys (boxed params: nn.Partitioned, nnx.Variable)."""
-  path = tuple(path)
-  while path and getattr(path[-1], "name", None) == "value" and not hasattr(path[-1], "key"):
-    path = path[:-1]
-  return path
-
-
-def param_leaves(params: PyTree) -> tuple[list, list[int], list[str], Any, int]:
-  """(candidate leaves, their positions in params' flat leaves, names, treedef, n flat).
-
-  A linen variables dict (a mapping with a 'params' mapping) offers its 'params' collection;
-  any other pytree offers all its floating-point leaves.
-  """
-  flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-  variables = isinstance(params, Mapping) and isinstance(params.get("params"), Mapping)
-  leaves, positions, names = [], [], []
-  for i, (path, leaf) in enumerate(flat):
-    path = strip_value(path)
-    if variables and rules.key_name(path[0]) != "params":
-      continue
-    if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
-      continue
-    leaves.append(leaf)
-    positions.append(i)
-    names.append(rules.path_name(path) or "<params>")
-  return leaves, positions, names, treedef, len(flat)
-
-
 def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
   """(Jaxpr, consts) of a call-like eqn whose inputs are the eqn's operands."""
   if eqn.primitive.name not in CALL_PRIMS:
@@ -499,9 +203,9 @@ class _Walker:
       elif eqn.params["batch_group_count"] != 1:
         reason = reason or "conv with batch_group_count > 1"
       else:
-        layout = _conv_layout(eqn)
+        layout = conv_layout(eqn)
     else:
-      layout = _dot_layout(eqn, side)
+      layout = dot_layout(eqn, side)
       if layout.N0 == 0 or layout.N1g == 0:
         reason, layout = reason or "empty weight", None
     op = WeightOp(index=len(self.stops), name=self.name(prov), leaf=prov.leaf, prov=prov,
@@ -536,7 +240,8 @@ class _Walker:
       if name == "add":
         a, b = eqn.invars
         for y, bias_p in ((a, ins[1]), (b, ins[0])):
-          if isinstance(y, jcore.Var) and y in op_out and bias_p is not None and op_out[y].bias is None:
+          if (isinstance(y, jcore.Var) and y in op_out and bias_p is not None
+              and op_out[y].bias is None):
             op_out[y].bias = (bias_p, tuple(eqn.invars[1 if y is a else 0].aval.shape))
             self.biases.add(bias_p.leaf)
             break

@@ -257,7 +257,7 @@ def kernel_views(params: Any, apply_fn: Any, batch: Any,
     `qjax.quantize_rtn` and `qjax.export.pack`.
   """
   from qjax import driver  # imported here: tracing is only needed for this function
-  from qjax import program as program_lib
+  from qjax import layouts
   prep = driver.prepare(params, apply_fn, batch, apply_kwargs)
   program = prep.program
   out: dict[str, View] = {}
@@ -269,7 +269,7 @@ def kernel_views(params: Any, apply_fn: Any, batch: Any,
     seen.add(key)
     shape = tuple(np.shape(program.leaves[op.leaf]))
     # W == leaf.reshape(-1)[index], as the driver's LayerInfo.leaf_index.
-    index = program_lib.leaf_index(shape, op.prov, op.layout)
+    index = layouts.leaf_index(shape, op.prov, op.layout)
     try:
       out[op.name] = of_index(index)
     except ValueError as e:

@@ -138,6 +138,7 @@ def test_export_stores_activation_grids(tmp_path):
 
 def test_conv_rows_come_from_the_fake_quantized_image_and_bias_correction_sees_them():
   import flax.linen as nn
+  from qjax import patches
   from qjax import program as program_lib
 
   class Cnn(nn.Module):
@@ -161,11 +162,10 @@ def test_conv_rows_come_from_the_fake_quantized_image_and_bias_correction_sees_t
   prog = program_lib.trace(model.apply, variables, x)
   conv = prog.stops[0]
   xq = np_fake_quant(x, 4, per_token=True)  # a conv's tokens are pixels, channels last
-  rows = program_lib.conv_rows(jnp.asarray(xq), None, program_lib.ConvSpec.of(conv.eqn), 1.0,
-                               "layer")
+  rows = patches.conv_rows(jnp.asarray(xq), None, patches.ConvSpec.of(conv.eqn), 1.0, "layer")
   np.testing.assert_allclose(Xt, rows, atol=1e-6)
-  np.testing.assert_allclose(X, program_lib.conv_rows(x, None, program_lib.ConvSpec.of(
-      conv.eqn), 1.0, "layer"), atol=1e-6)
+  np.testing.assert_allclose(X, patches.conv_rows(x, None, patches.ConvSpec.of(conv.eqn), 1.0,
+                                                  "layer"), atol=1e-6)
   # Bias correction of the last layer uses the fake-quantized input: with Q = W the shift is the
   # mean of fq(x~) W - x W over the calibration rows.
   q, report = driver.run(variables, model.apply, x, identity, act=spec, bias_correction=True)

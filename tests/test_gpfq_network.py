@@ -11,7 +11,7 @@ import pytest
 from qjax import alphabets
 from qjax import data as data_lib
 from qjax import models
-from qjax import program
+from qjax import patches as patches_lib
 from qjax._gpfq import network
 
 # --------------------------------------------------------------------------------------------
@@ -186,8 +186,8 @@ def test_first_layers_match_numpy_reference(convnet):
   xp = np.pad(np.asarray(x), ((0, 0), (1, 1), (1, 1), (0, 0)))
   patches = np.stack([xp[:, 3 * i:3 * i + 3, 3 * j:3 * j + 3, :].transpose(0, 3, 1, 2)
                       .reshape(x.shape[0], -1) for i in range(2) for j in range(2)], axis=1)
-  idx = np.asarray(program.sample_patch_indices(jax.random.fold_in(key, 0), x.shape[0], 4,
-                                                0.25))
+  idx = np.asarray(patches_lib.sample_patch_indices(jax.random.fold_in(key, 0), x.shape[0], 4,
+                                                    0.25))
   X = np.take_along_axis(patches, idx[:, :, None], axis=1).reshape(-1, patches.shape[-1])
   W = _matrix(variables["params"]["Conv_0"]["kernel"])  # (1*3*3, 4): 2 groups of 1 channel
   levels = alphabets.levels_for(W, 2, network.DEFAULT_C["paper"])

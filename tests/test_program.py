@@ -1,5 +1,5 @@
-"""qjax.program: weight ops found in the traced program, their matrices, and conv patches that
-reproduce the conv exactly."""
+"""qjax.program: weight ops found in the traced program; qjax.layouts: their matrices;
+qjax.patches: conv patches that reproduce the conv exactly; qjax.provenance: write-back."""
 import chex
 import flax.linen as nn
 import jax
@@ -7,7 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from qjax import layouts
+from qjax import patches as patches_lib
 from qjax import program
+from qjax import provenance
 
 
 def _stops(fn, params, x):
@@ -21,15 +24,15 @@ def _conv_rows(conv: nn.Conv, x: jax.Array, key: jax.Array, p: float, patch_stri
   x_in = x  # the conv op's own input: flax pads CIRCULAR itself, then convolves VALID
   if getattr(conv, "padding", None) == "CIRCULAR":
     x_in = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
-  rows = program.conv_rows(x_in, key, program.ConvSpec.of(op.eqn), p, patch_stride)
-  W = program.weight_to_matrix(variables["params"]["kernel"], op.layout)
+  rows = patches_lib.conv_rows(x_in, key, patches_lib.ConvSpec.of(op.eqn), p, patch_stride)
+  W = layouts.weight_to_matrix(variables["params"]["kernel"], op.layout)
   return conv.apply(variables, x), op, rows, W
 
 
 def _rows_times_w(rows, W, groups):
   return jnp.concatenate([
       jnp.matmul(rows[:, r], W[:, c], precision=jax.lax.Precision.HIGHEST)
-      for r, c in program.group_slices(W.shape[0], W.shape[1], groups)], axis=1)
+      for r, c in layouts.group_slices(W.shape[0], W.shape[1], groups)], axis=1)
 
 
 CONV_CASES = [
@@ -52,7 +55,7 @@ def test_patches_match_conv_at_sampled_positions_layer_stride(kwargs):
   y, op, rows, W = _conv_rows(nn.Conv(use_bias=False, **kwargs), x, key, 0.5, "layer")
   assert op.op == "conv" and op.layout.groups == kwargs.get("feature_group_count", 1)
   out = y.reshape(y.shape[0], -1, y.shape[-1])
-  idx = program.sample_patch_indices(key, out.shape[0], out.shape[1], 0.5)
+  idx = patches_lib.sample_patch_indices(key, out.shape[0], out.shape[1], 0.5)
   expected = jnp.take_along_axis(out, idx[:, :, None], axis=1).reshape(-1, y.shape[-1])
   chex.assert_trees_all_close(_rows_times_w(rows, W, op.layout.groups), expected, atol=1e-5,
                               rtol=1e-5)
@@ -75,7 +78,7 @@ def test_disjoint_patches_sampled_fraction():
   y, op, rows, W = _conv_rows(nn.Conv(3, (3, 3), padding="VALID", use_bias=False), x, key,
                               0.25, "kernel")
   grid = y[:, ::3, ::3, :].reshape(5, -1, 3)  # 4 x 4 = 16 disjoint positions per image
-  idx = program.sample_patch_indices(key, 5, 16, 0.25)
+  idx = patches_lib.sample_patch_indices(key, 5, 16, 0.25)
   chex.assert_shape(idx, (5, 4))
   expected = jnp.take_along_axis(grid, idx[:, :, None], axis=1).reshape(-1, 3)
   chex.assert_trees_all_close(_rows_times_w(rows, W, 1), expected, atol=1e-5)
@@ -88,9 +91,9 @@ def test_channels_first_conv_and_conv_transpose_patches():
   fn = lambda p, x: jax.lax.conv_general_dilated(  # noqa: E731
       x, p["w"], (2, 1), ((1, 1), (0, 1)), dimension_numbers=("NCHW", "OIHW", "NCHW"))
   (op,) = _stops(fn, {"w": w}, x)
-  rows = program.conv_rows(x, None, program.ConvSpec.of(op.eqn), 1.0, "layer")
+  rows = patches_lib.conv_rows(x, None, patches_lib.ConvSpec.of(op.eqn), 1.0, "layer")
   y = jnp.moveaxis(fn({"w": w}, x), 1, -1).reshape(-1, 5)
-  chex.assert_trees_all_close(rows @ program.weight_to_matrix(w, op.layout), y, atol=1e-5)
+  chex.assert_trees_all_close(rows @ layouts.weight_to_matrix(w, op.layout), y, atol=1e-5)
   conv_t = nn.ConvTranspose(4, (3, 3), strides=(2, 2), padding="SAME", use_bias=False)
   xt = jax.random.normal(jax.random.key(2), (2, 4, 5, 3))
   y, op, rows, W = _conv_rows(conv_t, xt, jax.random.key(0), 1.0, "layer")
@@ -100,22 +103,22 @@ def test_channels_first_conv_and_conv_transpose_patches():
 def test_patch_features_are_channel_major():
   # One image, one 2x2 patch, 2 channels: features come as (c, kh, kw).
   x = jnp.arange(8.0).reshape(1, 2, 2, 2)
-  patches = program.conv_patches(x, (2, 2), (1, 1), ((0, 0), (0, 0)), lhs_dilation=(1, 1),
-                                 rhs_dilation=(1, 1))
+  patches = patches_lib.conv_patches(x, (2, 2), (1, 1), ((0, 0), (0, 0)), lhs_dilation=(1, 1),
+                                     rhs_dilation=(1, 1))
   chex.assert_trees_all_equal(patches[0, 0], jnp.array([0., 2., 4., 6., 1., 3., 5., 7.]))
 
 
 def test_sample_patch_indices_deterministic_and_distinct():
-  a = program.sample_patch_indices(jax.random.key(0), 4, 20, 0.3)
-  b = program.sample_patch_indices(jax.random.key(0), 4, 20, 0.3)
+  a = patches_lib.sample_patch_indices(jax.random.key(0), 4, 20, 0.3)
+  b = patches_lib.sample_patch_indices(jax.random.key(0), 4, 20, 0.3)
   chex.assert_trees_all_equal(a, b)
   chex.assert_shape(a, (4, 6))
   for row in np.asarray(a):
     assert len(set(row.tolist())) == 6
-  full = program.sample_patch_indices(jax.random.key(0), 2, 5, 1.0)
+  full = patches_lib.sample_patch_indices(jax.random.key(0), 2, 5, 1.0)
   chex.assert_trees_all_equal(full, jnp.tile(jnp.arange(5, dtype=jnp.int32), (2, 1)))
   with pytest.raises(ValueError, match="p must be in"):
-    program.sample_patch_indices(jax.random.key(0), 2, 5, 0.0)
+    patches_lib.sample_patch_indices(jax.random.key(0), 2, 5, 0.0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,10 +138,10 @@ def test_dot_general_matrix_and_rows_reproduce_the_op(spec, x_shape, w_shape, N0
   (op,) = _stops(fn, w, x)
   layout = op.layout
   assert (layout.N0, layout.N1, layout.groups) == (N0, N1, groups)
-  W = program.weight_to_matrix(w, layout)
+  W = layouts.weight_to_matrix(w, layout)
   chex.assert_shape(W, (N0, N1))
-  chex.assert_trees_all_equal(program.matrix_to_weight(W, layout), w)
-  X = program.dot_rows(x, layout)
+  chex.assert_trees_all_equal(layouts.matrix_to_weight(W, layout), w)
+  X = layouts.dot_rows(x, layout)
   Y = _rows_times_w(X, W, groups)  # (m, G*N1g): problem g's outputs side by side
   y = fn(w, x)
   if groups == 1:
@@ -161,7 +164,7 @@ def test_write_back_through_transpose_cast_and_scan_slice():
   op = stops[1]
   assert op.prov.slice_key == (1,)
   operand = -jnp.arange(9.0).reshape(3, 3)  # the new value of slice 1, transposed and cast
-  out = program.write_back(leaf, op.prov, operand)
+  out = provenance.write_back(leaf, op.prov, operand)
   assert out.dtype == jnp.bfloat16
   chex.assert_trees_all_equal(out[0], leaf[0])
   chex.assert_trees_all_equal(out[1], operand.T.astype(jnp.bfloat16))
