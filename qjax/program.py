@@ -166,10 +166,6 @@ def _sub_jaxpr(eqn) -> tuple[Any, list] | None:
   return None
 
 
-def _has_sub_jaxprs(eqn) -> bool:
-  return any(True for _ in jcore.subjaxprs(eqn.params)) if hasattr(jcore, "subjaxprs") else False
-
-
 class _Walker:
   """Walks the program once, listing weight ops (with scan iterations unrolled)."""
 
@@ -254,14 +250,12 @@ class _Walker:
       if sub is not None:
         sub_jaxpr, sub_consts = sub
         sub_prov = {v: p for v, p in zip(sub_jaxpr.invars, ins) if p is not None}
-        n_before = len(self.stops)
         sub_plan = self.walk(sub_jaxpr, sub_consts, sub_prov, unsupported)
         for v_out, v_sub in zip(eqn.outvars, sub_jaxpr.outvars):
           if isinstance(v_sub, jcore.Var) and v_sub in sub_plan.prov:
             prov[v_out] = sub_plan.prov[v_sub]
         if unsupported is None and _has_points(sub_plan):
           plan.points[k] = ("call", sub_plan)
-        del n_before
         continue
       if name == "scan":
         self.scan(plan, k, eqn, ins, unsupported)
