@@ -172,6 +172,9 @@ LLAMA = llama.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128,
 LLAMA_METHODS = {
     "gptq": lambda p, f, x: qjax.gptq(p, f, x, bits=3, skip="embed", progress=False),
     "gpfq": lambda p, f, x: qjax.gpfq(p, f, x, bits=4, skip="embed", progress=False),
+    # The deterministic reduction (tests/test_mesh_exact.py): 8 chunks of the 8 x 16 rows.
+    "gpfq-exact": lambda p, f, x: qjax.gpfq(p, f, x, bits=4, skip="embed", progress=False,
+                                            reduce_chunks=8),
 }
 
 
@@ -197,12 +200,14 @@ def llama_refs(tiny_llama):
 
 # GPTQ: the one-device bits on every mesh. GPFQ: 274 of 90,432 entries differ on each mesh (all
 # in layers_1/mlp up_proj 16 and down_proj 258; (8, 1) too, so the data-split Gram sums' order,
-# not the model split) and no layer's error moves by more than 0.2%.
-LLAMA_DIFF = {"gptq": 0, "gpfq": 300}
+# not the model split) and no layer's error moves by more than 0.2%. With reduce_chunks: none.
+LLAMA_DIFF = {"gptq": 0, "gpfq": 300, "gpfq-exact": 0}
 # ~20 s per run on 2 cores: GPTQ (4, 2) in the quick suite, the rest slow.
 LLAMA_CASES = [("gptq", (4, 2))] + [pytest.param(m, s, marks=pytest.mark.slow) for m, s in
                                     [("gptq", (8, 1)), ("gptq", (2, 4)), ("gpfq", (8, 1)),
-                                     ("gpfq", (4, 2)), ("gpfq", (2, 4))]]
+                                     ("gpfq", (4, 2)), ("gpfq", (2, 4)),
+                                     ("gpfq-exact", (8, 1)), ("gpfq-exact", (4, 2)),
+                                     ("gpfq-exact", (2, 4))]]
 
 
 @pytest.mark.parametrize("method,shape", LLAMA_CASES)
