@@ -93,8 +93,9 @@ def test_transformer_grid_methods_with_acts():
   apply_fn = lambda p, x: jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (64, 8))
   grid_methods = ("rtn-grid", "gptq", "gptq-act", "gpfq-act", "qronos")
-  config = ml_collections.ConfigDict(dict(methods=grid_methods, grids=("channel",),
-                                          bits=(4,), acts=("a8-token", "a4-tensor")))
+  config = ml_collections.ConfigDict(dict(methods=grid_methods + ("rtn-channel",),
+                                          grids=("channel",), bits=(4,),
+                                          acts=("a8-token", "a4-tensor")))
   task = ptq.Task("mlp", params, apply_fn, x, config)
   ref = apply_fn(params, x)
 
@@ -107,6 +108,9 @@ def test_transformer_grid_methods_with_acts():
     assert [r.get("act", "") for r in rows] == ["", "a8-token", "a4-tensor"]
     assert rows[2]["err"] > rows[0]["err"] > 0  # 4-bit static activations cost accuracy
     assert all("_apply" not in r and "_act_scales" not in r for r in rows)
+  # rtn-channel (fixed grid, like rtn per bit width) stays weight-only: the same Q as rtn-grid.
+  assert [r.get("act", "") for r in runs["rtn-channel"]] == [""]
+  assert runs["rtn-channel"][0]["err"] == runs["rtn-grid"][0]["err"]
   # RTN's weights do not depend on the activations: its a8 row is the same Q behind A8.
   q = qjax.quantize_rtn(params, ptq.grid_spec("channel", 4),
                         views=qjax.views.kernel_views(params, apply_fn, x))[0]

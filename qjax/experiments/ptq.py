@@ -163,10 +163,12 @@ def _settings(task: Task, name: str):
       yield method.label, GRID_LABEL[method.levels], int(bits), (
           lambda bits=int(bits): quantize(task, name, bits))
     return
+  # A method on fixed grids (rtn-channel) makes weight-only rows per bit width, like rtn.
+  acts = ("",) + (() if method.grids else tuple(task.config.get("acts", ())))
   for grid in method.grids or task.config.grids:
     for bits in task.config.bits:
       spec = grid_spec(grid, int(bits))
-      for act in ("",) + tuple(task.config.get("acts", ())):
+      for act in acts:
         yield method.label, grid, int(bits), (
             lambda spec=spec, act=act: quantize(task, name, spec, act))
 
