@@ -25,7 +25,7 @@ import ml_collections
 from qjax import imagenet
 from qjax import models
 from qjax import pretrained
-from qjax.experiments import methods
+from qjax.experiments import methods as registry  # `methods` names the configured ones below
 from qjax.models import torchvision as tv
 
 # The registry's methods this task runs ('gpfq_lastfloat_bc': the paper's dagger variant).
@@ -192,10 +192,10 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
     for method in methods:
       start = time.perf_counter()
       dagger = method == "gpfq_lastfloat_bc"
-      q_vars = methods.run(method, variables, model.apply, x_calib, _bits(name, s, bits),
-                           driver=dict(patch_p=s.p, key=jax.random.key(config.seed),
-                                       apply_kwargs={"train": False}, progress=config.progress),
-                           C=s.C, rule=config.rule).params
+      q_vars = registry.run(method, variables, model.apply, x_calib, _bits(name, s, bits),
+                            driver=dict(patch_p=s.p, key=jax.random.key(config.seed),
+                                        apply_kwargs={"train": False}, progress=config.progress),
+                            C=s.C, rule=config.rule).params
       seconds = time.perf_counter() - start
       acc, eval_seconds = evaluate(q_vars)
       paper = PAPER_TOP1.get(name, {}).get(int(bits))
