@@ -36,7 +36,7 @@ import numpy as np
 
 import qjax
 from qjax import pretrained, text
-from qjax.experiments import results, transformers
+from qjax.experiments import minilm, ptq, results
 
 SMALL = bool(os.environ.get("QJAX_SMALL"))
 BITS = (4, 3)
@@ -92,7 +92,7 @@ def quantize_three(params, apply_fn, calib, spec, skip=None):
 
 lm_rows = []
 for bits in BITS:
-  spec = transformers.grid_spec("channel", bits)
+  spec = ptq.grid_spec("channel", bits)
   for method, (q, seconds) in quantize_three(params, lm.apply_fn, calib, spec,
                                              skip="embed").items():
     lm_rows.append(dict(method=method, bits=bits, bits_per_byte=round(bpb(q), 4),
@@ -107,7 +107,7 @@ print(results.format_table(lm_rows))
 
 # %%
 weights = (pretrained.find_minilm(root=os.getcwd())
-           or pretrained.find_minilm(root=transformers.REPO_ROOT))
+           or pretrained.find_minilm(root=minilm.REPO_ROOT))
 if weights is None and os.environ.get("CI"):
   raise ValueError(f"all-MiniLM-L6-v2 weights not found: run `{pretrained.FETCH_COMMAND}`")
 if weights is None:
@@ -117,17 +117,17 @@ minilm_rows = []
 if weights is not None:
   enc = pretrained.load_sentence_encoder(weights)
   sentences = corpus.sentences["heldout"][:48 if SMALL else 2000]
-  calib_tokens = transformers.pack_calibration(enc, corpus.sentences["calibration"],
+  calib_tokens = minilm.pack_calibration(enc, corpus.sentences["calibration"],
                                                16 if SMALL else 128, 32)
   float_emb = enc.encode(sentences)
   k = 5 if SMALL else 10
-  neighbours = transformers.nearest(float_emb, k)
+  neighbours = minilm.nearest(float_emb, k)
   enc_params = jax.tree_util.tree_map(jnp.asarray, enc.params)
   for bits in MINILM_BITS:
-    spec = transformers.grid_spec("channel", bits)
+    spec = ptq.grid_spec("channel", bits)
     for method, (q, seconds) in quantize_three(enc_params, enc.apply_fn, calib_tokens,
                                                spec).items():
-      m = transformers.embedding_metrics(float_emb, enc.encode(sentences, params=q), k,
+      m = minilm.embedding_metrics(float_emb, enc.encode(sentences, params=q), k,
                                          neighbours)
       minilm_rows.append(dict(method=method, bits=bits, **m, seconds=round(seconds, 1)))
   print(results.format_table(minilm_rows))

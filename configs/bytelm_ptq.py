@@ -4,13 +4,13 @@
 """
 import ml_collections
 
-from qjax.experiments import transformers
+from qjax.experiments import bytelm
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = transformers.bytelm_task_config()
+  config = bytelm.default_config()
   config.name = "bytelm_ptq"
-  # Methods of transformers.QUANTIZERS / GRID_QUANTIZERS at each bit width (and grid);
+  # Methods of qjax.experiments.methods at each bit width (and grid);
   # calibration: 128 windows of the calibration split; metric: bits per byte on the test split.
   # rtn / gpfq / msq: per-tensor grid and GPFQ's per-layer alphabet (the paper's rows);
   # rtn-grid / gptq / gpfq-grid: the same symmetric GridSpec per (grid, bits) setting.

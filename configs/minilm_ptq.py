@@ -5,13 +5,13 @@
 """
 import ml_collections
 
-from qjax.experiments import transformers
+from qjax.experiments import minilm
 
 
 def get_config() -> ml_collections.ConfigDict:
-  config = transformers.minilm_config()
+  config = minilm.default_config()
   config.name = "minilm_ptq"
-  # Methods of transformers.QUANTIZERS / GRID_QUANTIZERS at each bit width (and grid);
+  # Methods of qjax.experiments.methods at each bit width (and grid);
   # calibration: 128 packed sequences of
   # the corpus' calibration sentences; metrics on the 2,000 held-out sentences.
   # rtn / gpfq / msq: per-tensor grid and GPFQ's per-layer alphabet (the paper's rows);

@@ -14,7 +14,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.name = "smollm2_ptq"
   # RTN, GPTQ and GPFQ (act-order off / on) and Qronos on the same asymmetric min-max grids
   # (GPTQ paper's setting), per channel and groups of 128, at 4 and 3 bits; embedding and head
-  # float. Methods come from causal_lm.METHODS, then transformers.GRID_QUANTIZERS, by name.
+  # float. Methods come from qjax.experiments.methods by name (on the grid: methods.on_grid).
   config.methods = ("rtn", "gptq", "gptq-act", "gpfq", "gpfq-act", "qronos")
   config.bits = (4, 3)
   config.grids = ("channel", "g128")

@@ -22,8 +22,8 @@ from qjax.experiments import results
 TASKS: dict[str, tuple[str, str, str | None, str]] = {
     "classify": ("qjax.experiments.classify", "run", "plot", "accuracy_vs_bits.png"),
     "imagenet": ("qjax.experiments.imagenet", "run", "plot", "accuracy_vs_bits.png"),
-    "minilm": ("qjax.experiments.transformers", "run_minilm", "plot_minilm", "minilm.png"),
-    "bytelm": ("qjax.experiments.transformers", "run_bytelm", "plot_bytelm", "bytelm.png"),
+    "minilm": ("qjax.experiments.minilm", "run", "plot", "minilm.png"),
+    "bytelm": ("qjax.experiments.bytelm", "run", "plot", "bytelm.png"),
     "causal_lm": ("qjax.experiments.causal_lm", "run", "plot", "perplexity.png"),
 }
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

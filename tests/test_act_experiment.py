@@ -85,7 +85,7 @@ def test_act_config_is_validated():
 
 
 def test_transformer_grid_methods_with_acts():
-  from qjax.experiments import transformers
+  from qjax.experiments import ptq  # pylint: disable=g-import-not-at-top
   k1, k2 = jax.random.split(jax.random.key(0))
   # 'kernel' leaves: what quantize_rtn rounds by default (the driver's RTN rounds every weight op)
   params = {"l1": {"kernel": jax.random.normal(k1, (8, 16))},
@@ -93,27 +93,31 @@ def test_transformer_grid_methods_with_acts():
   apply_fn = lambda p, x: jax.nn.relu(x @ p["l1"]["kernel"]) @ p["l2"]["kernel"]  # noqa: E731
   x = jax.random.normal(jax.random.key(1), (64, 8))
   grid_methods = ("rtn-grid", "gptq", "gptq-act", "gpfq-act", "qronos")
-  config = ml_collections.ConfigDict(dict(methods=grid_methods, grids=("channel",),
-                                          bits=(4,), acts=("a8-token", "a4-tensor")))
-  task = transformers.Task("mlp", params, apply_fn, x, config)
+  config = ml_collections.ConfigDict(dict(methods=grid_methods + ("rtn-channel",),
+                                          grids=("channel",), bits=(4,),
+                                          acts=("a8-token", "a4-tensor")))
+  task = ptq.Task("mlp", params, apply_fn, x, config)
   ref = apply_fn(params, x)
 
   def evaluate(q, apply=apply_fn):
     return {"err": float(np.linalg.norm(apply(q, x) - ref) / np.linalg.norm(ref))}
 
-  runs = transformers._quantized_rows(task, evaluate)  # pylint: disable=protected-access
+  runs = ptq.quantized_rows(task, evaluate)
   for method in grid_methods:
     rows = runs[method]
     assert [r.get("act", "") for r in rows] == ["", "a8-token", "a4-tensor"]
     assert rows[2]["err"] > rows[0]["err"] > 0  # 4-bit static activations cost accuracy
     assert all("_apply" not in r and "_act_scales" not in r for r in rows)
+  # rtn-channel (fixed grid, like rtn per bit width) stays weight-only: the same Q as rtn-grid.
+  assert [r.get("act", "") for r in runs["rtn-channel"]] == [""]
+  assert runs["rtn-channel"][0]["err"] == runs["rtn-grid"][0]["err"]
   # RTN's weights do not depend on the activations: its a8 row is the same Q behind A8.
-  q = qjax.quantize_rtn(params, transformers.grid_spec("channel", 4),
+  q = qjax.quantize_rtn(params, ptq.grid_spec("channel", 4),
                         views=qjax.views.kernel_views(params, apply_fn, x))[0]
   a8 = qjax.with_activation_quant(apply_fn, qjax.ActSpec(8, "token"))
   np.testing.assert_allclose(runs["rtn-grid"][1]["err"], evaluate(q, a8)["err"], rtol=1e-5)
-  assert transformers.act_spec("a8-tensor") == qjax.ActSpec(8, "tensor", dynamic=False)
+  assert ptq.act_spec("a8-tensor") == qjax.ActSpec(8, "tensor", dynamic=False)
   with pytest.raises(ValueError, match="unknown activation scheme"):
-    transformers.act_spec("w8")
+    ptq.act_spec("w8")
   with pytest.raises(ValueError, match="bits must be in 4..8"):
-    transformers.act_spec("a2-token")
+    ptq.act_spec("a2-token")

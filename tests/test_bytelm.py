@@ -90,19 +90,19 @@ def test_config_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# The experiment (qjax.experiments.transformers.run_bytelm) on a tiny model.
+# The experiment (qjax.experiments.bytelm.run) on a tiny model.
 
 
 def _run_tiny(tmp_path, methods):
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  config = transformers.bytelm_task_config()
+  from qjax.experiments import bytelm  # pylint: disable=g-import-not-at-top
+  config = bytelm.default_config()
   config.bytelm.update(dict(TINY, seq_len=16, batch_size=8, steps=20, warmup_steps=5))
   config.methods = methods
   config.bits = (8, 2)
   config.calibration_size = 8
-  runs, key = transformers.run_bytelm(config, str(tmp_path))
+  runs, key = bytelm.run(config, str(tmp_path))
   assert set(runs) == {"float", *methods} and len(key) == 12
-  assert transformers.run_bytelm(config, str(tmp_path))[1] == key  # the key is deterministic
+  assert bytelm.run(config, str(tmp_path))[1] == key  # the key is deterministic
   rows = [r for rs in runs.values() for r in rs]
   by = {(r["method"], r["bits"]): r for r in rows}
   assert set(by) == {("float", 32)} | {(m, b) for m in methods for b in (8, 2)}
@@ -115,9 +115,9 @@ def _run_tiny(tmp_path, methods):
 
 
 def test_run_bytelm_tiny(tmp_path):
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import bytelm  # pylint: disable=g-import-not-at-top
   rows = _run_tiny(tmp_path, ("rtn", "rtn-channel"))
-  transformers.plot_bytelm(rows, str(tmp_path / "p.png"))
+  bytelm.plot(rows, str(tmp_path / "p.png"))
   assert (tmp_path / "p.png").exists()
 
 
@@ -128,12 +128,12 @@ def test_run_bytelm_tiny_gpfq_msq(tmp_path):
 
 def _tiny_task(seed=0):
   """A Task on an untrained tiny byte LM (the layouts do not need training)."""
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import bytelm, ptq  # pylint: disable=g-import-not-at-top
   model = ByteLM(**TINY)
   x = jax.random.randint(jax.random.key(seed), (4, 16), 0, 256, jnp.int32)
   params = model.init(jax.random.key(seed + 1), x)["params"]
-  return transformers.Task("bytelm", params, lambda p, b: model.apply({"params": p}, b), x,
-                           transformers.bytelm_task_config())
+  return ptq.Task("bytelm", params, lambda p, b: model.apply({"params": p}, b), x,
+                           bytelm.default_config())
 
 
 def _old_matrix_shape(name, w):
@@ -154,27 +154,27 @@ def test_driver_views_of_the_byte_lm_are_plain_reshapes():
   """Every kernel's driver matrix is a reshape of the leaf (the old rule), so RTN on the views
   rounds exactly the matrices the experiment's RTN rounded before: its rows do not change."""
   from qjax import views  # pylint: disable=g-import-not-at-top
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import ptq  # pylint: disable=g-import-not-at-top
   task = _tiny_task()
-  v = transformers.kernel_views(task)
+  v = ptq.kernel_views(task)
   kernels = _kernels(task.params)
   assert set(kernels) <= set(v) and "block0/attn/query" in kernels
   for name, w in kernels.items():
     assert v[name] == views.of_index(np.arange(w.size).reshape(_old_matrix_shape(name, w)))
   emb = task.params["embed"]["embedding"]  # the tied output projection: E^T
   np.testing.assert_array_equal(views.matrix(emb, v["embed/embedding"]), emb.T)
-  assert transformers.kernel_views(task) is v  # traced once per task
+  assert ptq.kernel_views(task) is v  # traced once per task
 
 
 @pytest.mark.parametrize("grid", ["channel", "g4"])
 def test_grid_rtn_against_numpy(grid):
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import ptq  # pylint: disable=g-import-not-at-top
   task = _tiny_task(1)
-  spec = transformers.grid_spec(grid, 3)
-  q = transformers.grid_rtn(task, spec)
+  spec = ptq.grid_spec(grid, 3)
+  q = ptq.quantize(task, "rtn-grid", spec)[0]
   if grid == "channel":  # the 'rtn-channel' method is the same rounding
     jax.tree.map(np.testing.assert_array_equal,
-                 transformers.QUANTIZERS["rtn-channel"](task, 3)[0], q)
+                 ptq.quantize(task, "rtn-channel", spec)[0], q)
   g = spec.group_size or 10**9
 
   def ref(m):  # symmetric 3-bit grid per (group of g rows, column): codes -4..3
@@ -197,18 +197,18 @@ def test_grid_rtn_against_numpy(grid):
 
 
 def test_grid_spec_names():
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  s = transformers.grid_spec("g64", 3)
+  from qjax.experiments import bytelm, ptq  # pylint: disable=g-import-not-at-top
+  s = ptq.grid_spec("g64", 3)
   assert (s.bits, s.granularity, s.group_size, s.symmetric) == (3, "group", 64, True)
-  s = transformers.grid_spec("channel", 4)
+  s = ptq.grid_spec("channel", 4)
   assert (s.bits, s.granularity, s.group_size, s.symmetric) == (4, "channel", None, True)
   for bad in ("g0", "group", "g-1"):
     with pytest.raises(ValueError, match="unknown grid"):
-      transformers.grid_spec(bad, 4)
-  config = transformers.bytelm_task_config()
+      ptq.grid_spec(bad, 4)
+  config = bytelm.default_config()
   config.grids = ("channel", "g")
   with pytest.raises(ValueError, match="config.grids: unknown grid 'g'"):
-    transformers.validate(config)
+    bytelm.validate(config)
 
 
 @pytest.mark.slow
@@ -217,17 +217,17 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
   identical grids per setting."""
   import qjax  # pylint: disable=g-import-not-at-top
   from qjax import text  # pylint: disable=g-import-not-at-top
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import bytelm, ptq  # pylint: disable=g-import-not-at-top
   cfg = text.bytelm_config()
   cfg.update(dict(TINY, seq_len=16, batch_size=8, steps=10, warmup_steps=2))
   lm = text.train_bytelm(cfg, str(tmp_path))
   params = jax.tree_util.tree_map(jnp.asarray, lm.params)
   calib, _ = text.random_windows(text.load_corpus().bytes("calibration"), 16, 8,
                                  np.random.default_rng(0))
-  task = transformers.Task("bytelm", params, lm.apply_fn, calib, transformers.bytelm_task_config())
+  task = ptq.Task("bytelm", params, lm.apply_fn, calib, bytelm.default_config())
   for name in ("channel", "g16"):
-    spec = transformers.grid_spec(name, 3)
-    rtn = transformers.grid_rtn(task, spec)
+    spec = ptq.grid_spec(name, 3)
+    rtn = ptq.quantize(task, "rtn-grid", spec)[0]
     _, gptq_grids = qjax.gptq(params, lm.apply_fn, calib, bits=3, granularity=spec.granularity,
                               group_size=spec.group_size, symmetric=True, static_groups=True,
                               skip="embed", progress=False, return_grids=True)[1:]
@@ -237,14 +237,14 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
     for layer, g in gptq_grids.items():
       np.testing.assert_array_equal(np.asarray(g.scale), np.asarray(gpfq_grids[layer].scale))
     for method in ("gptq", "gpfq-grid", "gptq-act", "gpfq-act", "qronos"):
-      q, _ = transformers.GRID_QUANTIZERS[method][1](task, spec)
+      q, _ = ptq.quantize(task, method, spec)
       np.testing.assert_array_equal(q["embed"]["embedding"], params["embed"]["embedding"])
       for layer, g in gptq_grids.items():
         node_w, node_q = params, q
         for part in layer.split("/"):
           node_w, node_q = node_w[part], node_q[part]
         w, qk = node_w["kernel"], node_q["kernel"]
-        view = transformers.kernel_views(task)[layer]
+        view = ptq.kernel_views(task)[layer]
         shape = view.shape
         # RTN (quantize_rtn on the driver's matrix) fits the same grid as GPTQ and GPFQ ...
         rtn_grid = qjax.grids.fit(qjax.views.matrix(w, view), spec)
@@ -261,13 +261,13 @@ def test_grid_methods_round_onto_the_same_levels(tmp_path):
                                    rtn_grid.round(qjax.views.matrix(w, view)), atol=1e-6)
 
 
-def test_transformers_config_validation():
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  config = transformers.bytelm_task_config()
+def test_bytelm_config_validation():
+  from qjax.experiments import bytelm  # pylint: disable=g-import-not-at-top
+  config = bytelm.default_config()
   config.methods = ("rtn", "gptq-typo")
   with pytest.raises(ValueError, match="unknown method 'gptq-typo'"):
-    transformers.validate(config)
-  config = transformers.bytelm_task_config()
+    bytelm.validate(config)
+  config = bytelm.default_config()
   config.bytelm.unknown = 1
   with pytest.raises(ValueError, match=r"config.bytelm: unknown keys \['unknown'\]"):
-    transformers.validate(config)
+    bytelm.validate(config)

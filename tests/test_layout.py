@@ -174,7 +174,7 @@ def private_uses(source: str, package: str, modules: dict[str, str]) -> list[str
 def test_private_uses_finds_them():
   modules = _modules()
   src = ("import qjax\nimport qjax._gpfq.kernels\nfrom qjax import driver\n"
-         "from qjax.experiments import transformers as tf\nfrom qjax._gptq import gptq\n"
+         "from qjax.experiments import ptq as tf\nfrom qjax._gptq import gptq\n"
          "from qjax.driver import _relative_error\nfrom . import gpfq as g\n"
          "qjax.program._strip\ntf._plot(1)\ng._common\ndriver.Report._fields\n"
          "qjax.__version__\nother._x\nqjax.grids.GridSpec._replace\n")

@@ -292,34 +292,34 @@ def test_bucket_length():
 
 
 # ---------------------------------------------------------------------------------------------
-# The experiment's metrics and calibration (qjax.experiments.transformers).
+# The experiment's metrics and calibration (qjax.experiments.minilm).
 
 
 def test_spearman_and_neighbour_metrics():
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import minilm  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   a, b = rng.normal(size=50), rng.normal(size=50)
   ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
-  assert transformers.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-12)
-  assert transformers.spearman(a, np.exp(a)) == pytest.approx(1.0)  # monotone: rho = 1
+  assert minilm.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-12)
+  assert minilm.spearman(a, np.exp(a)) == pytest.approx(1.0)  # monotone: rho = 1
   emb = rng.normal(size=(40, 8)).astype(np.float32)
   emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-  same = transformers.embedding_metrics(emb, emb, 5)
+  same = minilm.embedding_metrics(emb, emb, 5)
   assert same == {"cosine": 1.0, "recall@5": 1.0, "spearman": 1.0}
-  nb = transformers.nearest(emb, 5)
+  nb = minilm.nearest(emb, 5)
   sim = emb @ emb.T
   for i in range(40):  # a brute-force loop: the 5 largest similarities to other rows
     want = sorted((j for j in range(40) if j != i), key=lambda j: -sim[i, j])[:5]
     assert set(nb[i]) == set(want)
   noisy = emb + 0.3 * rng.normal(size=emb.shape).astype(np.float32)
-  m = transformers.embedding_metrics(emb, noisy, 5)
+  m = minilm.embedding_metrics(emb, noisy, 5)
   assert 0 < m["recall@5"] < 1 and 0 < m["spearman"] < 1 and 0 < m["cosine"] < 1
 
 
 def test_pack_calibration(enc):
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
+  from qjax.experiments import minilm  # pylint: disable=g-import-not-at-top
   sentences = [p[0] for p in PARAPHRASES]
-  batch = transformers.pack_calibration(enc, sentences, 3, 10)
+  batch = minilm.pack_calibration(enc, sentences, 3, 10)
   ids = batch["input_ids"]
   assert ids.shape == (3, 10) and ids.dtype == np.int32 and batch["attention_mask"].all()
   assert (ids[:, 0] == 101).all() and (ids[:, -1] == 102).all()
@@ -327,19 +327,19 @@ def test_pack_calibration(enc):
             for t in e.ids]
   np.testing.assert_array_equal(ids[:, 1:-1].ravel(), stream[:24])
   with pytest.raises(ValueError, match="need 800 tokens"):
-    transformers.pack_calibration(enc, sentences, 100, 10)
+    minilm.pack_calibration(enc, sentences, 100, 10)
 
 
 @pytest.mark.slow
 def test_run_minilm_small(tmp_path):
-  from qjax.experiments import transformers  # pylint: disable=g-import-not-at-top
-  config = transformers.minilm_config()
+  from qjax.experiments import minilm  # pylint: disable=g-import-not-at-top
+  config = minilm.default_config()
   config.weights = _weights()
   config.methods = ("rtn-channel", "gpfq", "msq")
   config.bits = (8, 3)
   config.calibration_size = 32
   config.eval_sentences = 200
-  runs, key = transformers.run_minilm(config, str(tmp_path))
+  runs, key = minilm.run(config, str(tmp_path))
   assert set(runs) == {"float", *config.methods} and len(key) == 12
   by = {(r["method"], r["bits"]): r for rs in runs.values() for r in rs}
   assert by[("float", 32)]["cosine"] == 1.0

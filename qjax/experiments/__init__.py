@@ -1,8 +1,9 @@
 """Experiments: each task's rows for the runner (`qjax.main`), which imports them, never the reverse.
 
-`classify` (float CNN + the methods `gpfq`, `psgd`, `alq`), and tasks that register in
-`qjax.main.TASKS`. Shared pieces: `results` (rows, table, plot, results files) and
-`config_section`.
+Tasks (registered in `qjax.main.TASKS`): `classify` (float CNN + the row families `gpfq`, `psgd`,
+`alq`, `act`), `minilm`, `bytelm`, `causal_lm`, `imagenet`. Shared pieces: `methods` (the one
+method registry every task quantizes with), `ptq` (the transformer tasks' settings loop, run key
+and plot), `results` (rows, table, plot, results files) and `config_section`.
 """
 from __future__ import annotations
 

@@ -33,15 +33,13 @@ import ml_collections
 import numpy as np
 
 import qjax
-from qjax import driver
-from qjax import grids
-from qjax import rtn as rtn_lib
 from qjax import rules
 from qjax import train as train_lib
-from qjax.experiments import config_section, results
+from qjax.experiments import config_section, methods, results
 from qjax.experiments import gpfq as gpfq_experiment
 
-METHODS = ("rtn", "gptq", "gpfq", "qronos")
+# The registry's methods these rows run, on the grid ('rtn', 'gpfq': their grid forms).
+SUPPORTED = ("rtn", "gptq", "gpfq", "qronos")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -63,8 +61,8 @@ def validate(cfg: ml_collections.ConfigDict, where: str = "config.act") -> None:
   for b in cfg.act_bits:
     rules.check_bits(b, f"{where}.act_bits", low=4, high=8)
   for m in cfg.methods:
-    if m not in METHODS:
-      raise ValueError(f"{where}.methods: unknown method {m!r}; choose from {list(METHODS)}")
+    if m not in SUPPORTED:
+      raise ValueError(f"{where}.methods: unknown method {m!r}; choose from {list(SUPPORTED)}")
   schemes(cfg)  # ActSpec checks (static_method, percentile)
 
 
@@ -80,22 +78,15 @@ def schemes(cfg) -> dict[str, qjax.ActSpec | None]:
 
 
 def quantize(ctx, method: str, bits: int, act: Any, x, common: dict, cfg_gpfq) -> tuple:
-  """(quantized variables, report) of one method at `bits` with activation spec `act`."""
-  if method == "rtn":
-    rtn = rtn_lib.rtn_quantizer(grids.GridSpec(bits, "channel", symmetric=True))
-    return driver.run(ctx.variables, ctx.model.apply, x, rtn, act=act, method="rtn", **common)
-  if method == "gptq":
-    return qjax.gptq(ctx.variables, ctx.model.apply, x, bits=bits, granularity="channel",
-                     symmetric=True, act=act, **common)
-  if method == "qronos":  # act-order; damp searched on the held-out tail, as the qronos-pc rows
-    kw = dict(bits=bits, granularity="channel", symmetric=True, act_order=True, act=act,
-              **common)
-    _, search = qjax.qronos(ctx.variables, ctx.model.apply, x, damp_grid=tuple(
-        cfg_gpfq.damp_grid), holdout_fraction=cfg_gpfq.holdout_fraction, **kw)
-    return qjax.qronos(ctx.variables, ctx.model.apply, x, damp=search.damp, **kw)
-  spec = grids.GridSpec(bits, "channel", symmetric=True)
-  return qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec, method=cfg_gpfq.method,
-                   act=act, **common)
+  """(quantized variables, report) of one method of `SUPPORTED` at `bits` with activation spec
+  `act`, on the registry's grid form of it (`methods.on_grid`: 'rtn' -> 'rtn-grid', ...). Qronos
+  with act-order and its damp searched on the held-out tail, as the qronos-pc rows."""
+  spec = qjax.grids.GridSpec(bits, "channel", symmetric=True)
+  res = methods.run(methods.on_grid(method), ctx.variables, ctx.model.apply, x, spec,
+                    driver=dict(common, act=act), method=cfg_gpfq.method,
+                    damp_grid=tuple(cfg_gpfq.damp_grid),
+                    damp_holdout_fraction=cfg_gpfq.holdout_fraction)
+  return res.params, res.report
 
 
 def rows(ctx) -> list[dict]:

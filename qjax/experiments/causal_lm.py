@@ -5,9 +5,8 @@
 Every projection of every block (q/k/v/o, gate/up/down) is quantized; the embedding and the
 tied or untied output head stay float. Each method runs on the *same* asymmetric min-max grid per
 (grid, bits) setting (the GPTQ paper's setting): 'channel' (one scale and zero point per output
-channel) or 'g<N>' (per group of N inputs). Methods are found by name: this module's `METHODS`
-first, then the transformers tasks' shared `GRID_QUANTIZERS` registry (any method another task
-registers there, fn(task, GridSpec) -> (params, extra columns), runs here as well).
+channel) or 'g<N>' (per group of N inputs). Methods come from the one registry,
+`qjax.experiments.methods`, by name (`SUPPORTED`, run on the grid: `methods.on_grid`).
 
 Data: the shipped pydoc corpus (`qjax.text`), tokenized once per split with the model's
 tokenizer; calibration = `calibration_size` windows of `calibration_length` tokens at seeded
@@ -19,11 +18,9 @@ seconds to quantize, the process's peak resident memory so far (MB).
 from __future__ import annotations
 
 import os
-import re
 import resource
 import time
-import warnings
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -32,76 +29,29 @@ import numpy as np
 
 import qjax
 from qjax import pretrained as loader
-from qjax import grids
 from qjax import perplexity as ppl_lib
 from qjax import rules
 from qjax import text
-from qjax.experiments import results
-from qjax.experiments import transformers as tf_tasks
+from qjax.experiments import methods, ptq, results
 
 PyTree = Any
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SKIP = "embed_tokens|lm_head"   # layers left float (the tied head is embed_tokens' attend)
+# The registry's grid methods this task runs; 'rtn' and 'gpfq' name their grid forms
+# (`methods.on_grid`).
+SUPPORTED = ("rtn", "gptq", "gptq-act", "gpfq", "gpfq-act", "qronos", "rtn-grid", "gpfq-grid")
+LABELS = {"gptq-act": "gptq act-order"}  # the SmolLM2 table's row name, else the registry's
+ORDER = ("float", "rtn", "gptq", "gptq-act", "gpfq")
 
 
-def grid_spec(name: str, bits: int) -> grids.GridSpec:
+def grid_spec(name: str, bits: int) -> "qjax.grids.GridSpec":
   """'channel' -> asymmetric min-max per output channel; 'g<N>' -> per group of N inputs."""
-  if name == "channel":
-    return grids.GridSpec(int(bits), "channel", symmetric=False)
-  m = re.fullmatch(r"g([1-9][0-9]*)", str(name))
-  if m is None:
-    raise ValueError(f"config.grids: unknown grid {name!r}; use 'channel' or 'g<group size>'")
-  return grids.GridSpec(int(bits), "group", int(m.group(1)), symmetric=False)
+  return ptq.grid_spec(name, bits, symmetric=False)
 
 
-def _rtn(task, spec, act=None):
-  return tf_tasks.rtn_grid(task, spec, act)
-
-
-def _gptq(act_order: bool) -> Callable:
-  def fn(task, spec, act=None):
-    # Static groups: every group's grid comes from W before any update, so GPTQ rounds onto the
-    # levels RTN and GPFQ use (and act-order needs them).
-    with warnings.catch_warnings():
-      warnings.simplefilter("ignore")
-      q, report, targets = qjax.gptq(
-          task.params, task.apply_fn, task.calibration, bits=spec.bits,
-          granularity=spec.granularity, group_size=spec.group_size, symmetric=spec.symmetric,
-          scale_method=spec.method, act_order=act_order, static_groups=True, skip=SKIP,
-          progress=False, return_grids=True, act=act)
-    tf_tasks.check_report(report, "gptq")
-    # The fitted grids, for `export_bytes` (not a column).
-    return q, {"_targets": targets, "_act_scales": report.act_scales}
-  return fn
-
-
-def _gpfq(task, spec, act=None):
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    q, report = qjax.gpfq(task.params, task.apply_fn, task.calibration, grid=spec, skip=SKIP,
-                          progress=False, act=act)
-  tf_tasks.check_report(report, "gpfq")
-  return q, {"_act_scales": report.act_scales}
-
-
-# name -> (row label, fn(task, GridSpec) -> (quantized params, extra row columns)).
-METHODS: dict[str, tuple[str, Callable]] = {
-    "rtn": ("rtn", _rtn),
-    "gptq": ("gptq", _gptq(False)),
-    "gptq-act": ("gptq act-order", _gptq(True)),
-    "gpfq": ("gpfq", _gpfq),
-}
-ORDER = ("float", *METHODS)
-
-
-def method(name: str) -> tuple[str, Callable]:
-  """A method by name: `METHODS`, else the shared `qjax.experiments.transformers.GRID_QUANTIZERS`."""
-  if name in METHODS:
-    return METHODS[name]
-  if name in tf_tasks.GRID_QUANTIZERS:
-    return tf_tasks.GRID_QUANTIZERS[name]
-  raise ValueError(f"config.methods: unknown method {name!r}; choose from "
-                   f"{sorted(set(METHODS) | set(tf_tasks.GRID_QUANTIZERS))}")
+def label(name: str) -> str:
+  """The rows' method column of config method `name`."""
+  methods.get(name, SUPPORTED)
+  return LABELS.get(name, methods.get(methods.on_grid(name)).label)
 
 
 def causal_lm_config() -> ml_collections.ConfigDict:
@@ -126,11 +76,11 @@ def causal_lm_config() -> ml_collections.ConfigDict:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   for m in config.methods:
-    method(m)
+    label(m)
   for g in config.grids:
     grid_spec(g, 4)
   for a in config.get("acts", ()):
-    tf_tasks.act_spec(a)
+    ptq.act_spec(a)
   for d in config.get("qronos_damp_grid", None) or ():
     if not (isinstance(d, (int, float)) and np.isfinite(d) and d > 0):
       raise ValueError(f"config.qronos_damp_grid: damps must be finite floats > 0, got {d!r}")
@@ -197,35 +147,35 @@ def run(config: ml_collections.ConfigDict, workdir: str):
               load_seconds=round(load_seconds, 2), peak_mb=_peak_mb())
   rows = [results.row("float", 32, time.perf_counter() - start, **info)]
   print(rows[0], flush=True)
-  task = tf_tasks.Task("causal_lm", params, lm.apply_fn, calib, config)
+  task = ptq.Task("causal_lm", params, lm.apply_fn, calib, config)
   runs = {"float": rows}
   exported = False
   acts = ("",) + tuple(config.get("acts", ()))
   settings = ([("channel", 3, a) for a in acts] if smoke else
               [(g, int(b), a) for g in config.grids for b in config.bits for a in acts])
   for name in config.methods:
-    label, fn = method(name)
     runs[name] = []
     for g, bits, act in settings:
       spec = grid_spec(g, int(bits))
       t0 = time.perf_counter()
       try:  # act '' = weights only; else weights fitted with act= and evaluated behind it
-        q, extra = tf_tasks.with_act(task, fn, spec, act)
+        q, extra = ptq.quantize(task, methods.on_grid(name), spec, act,
+                                return_grids=bool(config.export) and not act)
         q = jax.block_until_ready(q)
         targets = extra.pop("_targets", None)
-      except tf_tasks.Skip as e:
+      except ptq.Skip as e:
         print(f"skipped {name} ({g}) at {bits} bits: {e}")
         continue
       seconds = time.perf_counter() - t0
       p, _ = evaluate(q, extra.pop("_apply", None))
-      row = results.row(label, int(bits), seconds, grid=g, perplexity=round(p, 3),
+      row = results.row(label(name), int(bits), seconds, grid=g, perplexity=round(p, 3),
                         increase=round(p - float_ppl, 3), peak_mb=_peak_mb(), **extra)
       if config.export and not exported and targets is not None and not act:
         row.update(export_bytes(q, targets))
         exported = True
       print({k: v for k, v in row.items() if k != "layers"}, flush=True)
       runs[name].append(row)
-  key = tf_tasks.run_key("causal_lm", os.path.basename(path), n_cal, cal_len,
+  key = ptq.run_key("causal_lm", os.path.basename(path), n_cal, cal_len,
                          int(config.seed), ev_len, ev_n, config.eval_file, smoke)
   return runs, key
 
@@ -243,4 +193,4 @@ def export_bytes(q: PyTree, targets: Any) -> dict:
 
 
 def plot(rows: list[dict], path: str) -> None:
-  tf_tasks.plot(rows, ["perplexity"], path, "causal LM, test split")
+  ptq.plot(rows, ["perplexity"], path, "causal LM, test split")

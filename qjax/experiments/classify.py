@@ -1,8 +1,10 @@
 """Image classification: train (or restore) a float model, then every configured method's rows.
 
-The task of `configs/mnist_lenet5*.py`. Each method module (`qjax.experiments.gpfq`, `psgd`,
-`alq`) exposes `default_config()` and `rows(ctx) -> list[dict]`; 'rtn' (round-to-nearest, no
-data) is the baseline and lives here.
+The task of `configs/mnist_lenet5*.py`. `config.methods` names row families: each a module
+`qjax.experiments.<name>` (`FAMILIES`: `gpfq`, `psgd`, `alq`, `act`) with `default_config()` and
+`rows(ctx) -> list[dict]`; the post-training methods inside them come from the one registry,
+`qjax.experiments.methods`. 'rtn' (the registry's per-tensor round-to-nearest, no data) is the
+baseline and lives here.
 """
 from __future__ import annotations
 
@@ -20,18 +22,13 @@ import optax
 
 from qjax import data as data_lib
 from qjax import models
-from qjax import rounding
 from qjax import rules
 from qjax import train as train_lib
 from qjax.experiments import config_section, results
+from qjax.experiments import methods as registry  # `methods` names run()'s overrides here
 
-# method name -> module with `default_config()` and `rows(ctx)`; 'rtn' is built in.
-METHODS = {
-    "gpfq": "qjax.experiments.gpfq",
-    "psgd": "qjax.experiments.psgd",
-    "alq": "qjax.experiments.alq",
-    "act": "qjax.experiments.act",
-}
+# The row families besides 'rtn': module qjax.experiments.<name>, `default_config()`, `rows(ctx)`.
+FAMILIES = ("gpfq", "psgd", "alq", "act")
 _TRAIN_KEYS = ("dataset", "model", "seed", "epochs", "batch_size", "learning_rate", "momentum",
                "weight_decay", "augment_shift", "val_fraction")
 
@@ -61,9 +58,14 @@ class Context:
     return train_lib.state_variables(state), history
 
 
+def family(name: str) -> Any:
+  """The module of row family `name` (one of `FAMILIES`)."""
+  return importlib.import_module(f"qjax.experiments.{name}")
+
+
 def method_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The method's `default_config()` updated with `config.<name>`; unknown keys are an error."""
-  return config_section(config, name, importlib.import_module(METHODS[name]).default_config())
+  """The family's `default_config()` updated with `config.<name>`; unknown keys are an error."""
+  return config_section(config, name, family(name).default_config())
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -90,12 +92,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for b in config.bits:
     rules.check_bits(b, "config.bits", low=2)
   for m in config.methods:
-    if m != "rtn" and m not in METHODS:
+    if m != "rtn" and m not in FAMILIES:
       raise ValueError(f"config.methods: unknown method {m!r}; choose from "
-                       f"{['rtn', *METHODS]}")
+                       f"{['rtn', *FAMILIES]}")
   for m in config.methods:
     if m != "rtn":
-      module = importlib.import_module(METHODS[m])
+      module = family(m)
       cfg = method_config(config, m)
       if hasattr(module, "validate"):
         module.validate(cfg, f"config.{m}")
@@ -139,7 +141,7 @@ def rtn_rows(ctx: Context) -> list[dict]:
   rows = []
   for bits in ctx.config.bits:
     start = time.perf_counter()
-    params = rounding.quantize_uniform(ctx.variables["params"], bits)
+    params = registry.run("rtn", ctx.variables["params"], ctx.model.apply, None, bits).params
     acc = ctx.evaluate({**ctx.variables, "params": params})
     rows.append(results.accuracy_row("rtn", bits, acc, ctx.float_accuracy,
                                      time.perf_counter() - start))
@@ -171,7 +173,7 @@ def _run_one(config: ml_collections.ConfigDict, workdir: str,
   for name in config.methods:
     if name == "rtn":
       continue
-    fn = methods.get(name) or importlib.import_module(METHODS[name]).rows
+    fn = methods.get(name) or family(name).rows
     start = time.perf_counter()
     runs[name] = fn(ctx)
     print(f"{name}: {time.perf_counter() - start:.1f} s")
@@ -202,4 +204,4 @@ def plot(rows: list[dict], path: str) -> None:
   results.plot_accuracy(rows, float_acc, path)
 
 
-ORDER = ("float", "rtn", *METHODS)
+ORDER = ("float", "rtn", *FAMILIES)

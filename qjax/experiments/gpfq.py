@@ -29,7 +29,11 @@ import qjax
 from qjax import alphabets
 from qjax import calibration as calibration_lib
 from qjax import rules
-from qjax.experiments import config_section, results
+from qjax.experiments import config_section, methods, results
+
+# The per-channel grid rows ('<label>-pc'), then the act-order family (`act_order_rows`).
+GRID_METHODS = ("rtn-grid", "gptq", "gpfq-grid")
+ACT_ORDER_METHODS = ("gptq-act", "gpfq-act", "qronos")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -127,11 +131,10 @@ def quantize(ctx, variables: dict, bits: int | dict[str, int], **overrides) -> t
   cfg.update(overrides)
   x, y = calibration(ctx, cfg)
   start = time.perf_counter()
-  q_vars, report = qjax.gpfq(
-      variables, ctx.model.apply, x, bits=bits, C=cfg.C, rule=cfg.rule, method=cfg.method,
-      C_grid=tuple(cfg.C_grid) or None, holdout_fraction=cfg.holdout_fraction,
-      holdout_loss=_holdout_loss(cfg, y), **common_options(ctx, cfg))
-  return q_vars, report, time.perf_counter() - start
+  res = methods.run("gpfq", variables, ctx.model.apply, x, bits, driver=common_options(ctx, cfg),
+                    C=cfg.C, rule=cfg.rule, method=cfg.method, C_grid=tuple(cfg.C_grid) or None,
+                    holdout_fraction=cfg.holdout_fraction, holdout_loss=_holdout_loss(cfg, y))
+  return res.params, res.report, time.perf_counter() - start
 
 
 def common_options(ctx, cfg) -> dict[str, Any]:
@@ -143,49 +146,29 @@ def common_options(ctx, cfg) -> dict[str, Any]:
 
 
 def grid_rows(ctx, cfg, x: np.ndarray) -> list[dict]:
-  """rtn-pc, gptq-pc and gpfq-pc rows per `cfg.grid_bits`: one per-channel symmetric grid per
-  layer and bit width, the calibration draw `x` and the same patch samples for both data methods.
+  """rtn-pc, gptq-pc and gpfq-pc rows per `cfg.grid_bits` (and, with `cfg.act_order_rows`,
+  gptq-act-pc, gpfq-act-pc and qronos-pc: act-order, Qronos' damp chosen on the calibration
+  draw's held-out tail, then refitted on all of it): one per-channel symmetric grid per layer and
+  bit width, the calibration draw `x` and the same patch samples for every data method.
   """
   out = []
   common = common_options(ctx, cfg)
+  names = GRID_METHODS + (ACT_ORDER_METHODS if cfg.act_order_rows else ())
   for bits in cfg.grid_bits:
     spec = qjax.grids.GridSpec(int(bits), "channel", symmetric=True)
-    start = time.perf_counter()
-    r_vars, _ = qjax.quantize_rtn(ctx.variables, spec)
-    out.append(results.accuracy_row("rtn-pc", int(bits), ctx.evaluate(r_vars), ctx.float_accuracy,
-                                    time.perf_counter() - start))
-    start = time.perf_counter()
-    g_vars, g_report = qjax.gptq(ctx.variables, ctx.model.apply, x, bits=int(bits),
-                                 granularity="channel", symmetric=True, **common)
-    out.append(_row("gptq-pc", int(bits), ctx.evaluate(g_vars), ctx,
-                    time.perf_counter() - start, g_report))
-    start = time.perf_counter()
-    f_vars, f_report = qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec,
-                                 method=cfg.method, **common)
-    out.append(_row("gpfq-pc", int(bits), ctx.evaluate(f_vars), ctx,
-                    time.perf_counter() - start, f_report))
-    if not cfg.act_order_rows:
-      continue
-    # The act-order family on the same grid: GPTQ and GPFQ with act-order, and Qronos (with
-    # act-order; damp chosen on the calibration draw's held-out tail, then refitted on all of it).
-    start = time.perf_counter()
-    g_vars, g_report = qjax.gptq(ctx.variables, ctx.model.apply, x, bits=int(bits),
-                                 granularity="channel", symmetric=True, act_order=True, **common)
-    out.append(_row("gptq-act-pc", int(bits), ctx.evaluate(g_vars), ctx,
-                    time.perf_counter() - start, g_report))
-    start = time.perf_counter()
-    f_vars, f_report = qjax.gpfq(ctx.variables, ctx.model.apply, x, grid=spec,
-                                 method=cfg.method, act_order=True, **common)
-    out.append(_row("gpfq-act-pc", int(bits), ctx.evaluate(f_vars), ctx,
-                    time.perf_counter() - start, f_report))
-    start = time.perf_counter()
-    kw = dict(bits=int(bits), granularity="channel", symmetric=True, act_order=True, **common)
-    _, search = qjax.qronos(ctx.variables, ctx.model.apply, x, damp_grid=tuple(cfg.damp_grid),
-                            holdout_fraction=cfg.holdout_fraction, **kw)
-    q_vars, q_report = qjax.qronos(ctx.variables, ctx.model.apply, x, damp=search.damp, **kw)
-    row = _row("qronos-pc", int(bits), ctx.evaluate(q_vars), ctx, time.perf_counter() - start,
-               q_report)
-    out.append(dict(row, damp=search.damp))
+    for name in names:
+      start = time.perf_counter()
+      res = methods.run(name, ctx.variables, ctx.model.apply, x, spec, driver=common,
+                        method=cfg.method, damp_grid=tuple(cfg.damp_grid),
+                        damp_holdout_fraction=cfg.holdout_fraction)
+      label = f"{methods.METHODS[name].label}-pc"
+      acc = ctx.evaluate(res.params)
+      if res.report is None:  # RTN: no data, no layer errors
+        row = results.accuracy_row(label, int(bits), acc, ctx.float_accuracy,
+                                   time.perf_counter() - start)
+      else:
+        row = _row(label, int(bits), acc, ctx, time.perf_counter() - start, res.report)
+      out.append(dict(row, **res.columns))
   return out
 
 
@@ -214,9 +197,8 @@ def rows(ctx) -> list[dict]:
     if cfg.msq:
       # Same alphabet: same rule and the C GPFQ chose; plain rounding of every weight.
       start = time.perf_counter()
-      m_vars, m_report = qjax.quantize_msq(ctx.variables, ctx.model.apply, x_calib,
-                                              bits=int(bits), C=report.C, rule=cfg.rule,
-                                              **common_options(ctx, cfg))
-      out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(m_vars), ctx,
-                      time.perf_counter() - start, m_report))
+      res = methods.run("msq", ctx.variables, ctx.model.apply, x_calib, int(bits),
+                        driver=common_options(ctx, cfg), C=report.C, rule=cfg.rule)
+      out.append(_row("msq-gpfq-alphabet", int(bits), ctx.evaluate(res.params), ctx,
+                      time.perf_counter() - start, res.report))
   return out + grid_rows(ctx, cfg, x)

@@ -22,13 +22,14 @@ from typing import Any
 import jax
 import ml_collections
 
-import qjax
 from qjax import imagenet
 from qjax import models
 from qjax import pretrained
+from qjax.experiments import methods as registry  # `methods` names the configured ones below
 from qjax.models import torchvision as tv
 
-METHODS = ("gpfq", "msq", "gpfq_lastfloat_bc")
+# The registry's methods this task runs ('gpfq_lastfloat_bc': the paper's dagger variant).
+SUPPORTED = ("gpfq", "msq", "gpfq_lastfloat_bc")
 
 # Torchvision's reported float accuracy of the pretrained weights (IMAGENET1K_V1), top-1/top-5.
 TORCHVISION_FLOAT = {"alexnet": (56.522, 79.066), "vgg16": (71.592, 90.382),
@@ -78,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.task = "imagenet"
   c.smoke = False
   c.models = ("alexnet", "vgg16", "googlenet", "resnet18", "resnet50", "efficientnet_b1")
-  c.methods = METHODS             # 'gpfq_lastfloat_bc' is the paper's dagger variant (Table 3)
+  c.methods = SUPPORTED           # 'gpfq_lastfloat_bc' is the paper's dagger variant (Table 3)
   c.rule = "paper"                # augmented midrise, Eq. 17-19 ('reference': authors' code)
   c.data_dir = ""                 # where imagenet2012 was prepared (array_record)
   c.weights_dir = ""              # <model>.safetensors or <model>.pth from torchvision
@@ -97,7 +98,7 @@ def default_config() -> ml_collections.ConfigDict:
   # What `smoke=True` changes: mock data, random weights, tiny sizes.
   c.smoke_settings = ml_collections.ConfigDict(dict(
       models=("resnet18",), bits=(4,), m=8, calibration_batch=4, examples=16, eval_examples=16,
-      batch_size=8, resize=73, crop=64, methods=METHODS))
+      batch_size=8, resize=73, crop=64, methods=SUPPORTED))
   return c
 
 
@@ -124,8 +125,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.settings.{name}.interpolation must be one of "
                        f"{imagenet.INTERPOLATIONS}, got {s.interpolation!r}")
   for m in (config.smoke_settings.methods if smoke else config.methods):
-    if m not in METHODS:
-      raise ValueError(f"config.methods: unknown method {m!r}; choose from {METHODS}")
+    if m not in SUPPORTED:
+      raise ValueError(f"config.methods: unknown method {m!r}; choose from {SUPPORTED}")
   if not smoke and not config.weights_dir:
     raise ValueError("config.weights_dir: the directory with <model>.safetensors (or .pth) "
                      "torchvision weights is required (see colabs/imagenet_gpfq.ipynb); "
@@ -190,12 +191,11 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
   for bits in bits_list:
     for method in methods:
       start = time.perf_counter()
-      fn = qjax.quantize_msq if method == "msq" else qjax.gpfq
       dagger = method == "gpfq_lastfloat_bc"
-      q_vars, report = fn(variables, model.apply, x_calib, bits=_bits(name, s, bits), C=s.C,
-                          rule=config.rule, patch_p=s.p, last_layer_float=dagger,
-                          bias_correction=dagger, key=jax.random.key(config.seed),
-                          apply_kwargs={"train": False}, progress=config.progress)
+      q_vars = registry.run(method, variables, model.apply, x_calib, _bits(name, s, bits),
+                            driver=dict(patch_p=s.p, key=jax.random.key(config.seed),
+                                        apply_kwargs={"train": False}, progress=config.progress),
+                            C=s.C, rule=config.rule).params
       seconds = time.perf_counter() - start
       acc, eval_seconds = evaluate(q_vars)
       paper = PAPER_TOP1.get(name, {}).get(int(bits))
@@ -208,7 +208,7 @@ def model_rows(config, name: str, eval_source, calib_source) -> list[dict]:
           **({"dense_bits": int(s.dense_bits)} if s.dense_bits else {})))
       print(f"{name} {method} {bits} bits: top-1 {acc['top1']:.2f} (drop "
             f"{rows[-1]['drop']:.2f}), top-5 {acc['top5']:.2f}, quantized in {seconds:.0f} s")
-      del q_vars, report
+      del q_vars
   return rows
 
 
@@ -269,5 +269,5 @@ def plot(rows: list[dict], path: str) -> None:
   plt.close(fig)
 
 
-__all__ = ["run", "plot", "validate", "default_config", "model_settings", "METHODS",
+__all__ = ["run", "plot", "validate", "default_config", "model_settings", "SUPPORTED",
            "PAPER_TOP1", "PAPER_TABLE1", "PAPER_FLOAT_TOP1", "TORCHVISION_FLOAT"]

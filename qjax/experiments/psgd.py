@@ -19,7 +19,7 @@ import qjax
 from qjax import psgd as psgd_lib
 from qjax import rounding
 from qjax import rules
-from qjax.experiments import config_section, results
+from qjax.experiments import config_section, methods, results
 from qjax.experiments import gpfq as gpfq_experiment
 
 PyTree = Any
@@ -107,8 +107,8 @@ def train_psgd(ctx, bits: int | None) -> PyTree:
 
 def _round(variables: PyTree, bits: int, edge_bits: int) -> PyTree:
   params = variables["params"]
-  return {**variables,
-          "params": qjax.quantize_uniform(params, layer_bits(params, bits, edge_bits))}
+  rtn = methods.run("rtn", params, None, None, layer_bits(params, bits, edge_bits))
+  return {**variables, "params": rtn.params}
 
 
 def rows(ctx, trained: dict | None = None) -> list[dict]:
