@@ -148,13 +148,14 @@ def test_lost_data_shard_moves_conv1(runs, method):
 # X is the raw images, so float order leaves its Q alone (0 on every mesh and permutation) and
 # the duplicated shard moves 462 of its 9,408 GPTQ entries.
 # Measured differing entries of 11,699,112 (worst ratio of a layer's error to one device's):
-#   GPFQ (8, 1) 1,708,963 (1.27), (4, 2) 2,031,302 (1.35).
-MESH_DIFF = {"gptq": 0.25, "gpfq": 0.25}  # fraction of entries
-MESH_ERROR_FACTOR = {"gptq": 1.5, "gpfq": 1.5}
+#   GPFQ (8, 1) 1,708,963 (1.27), (4, 2) 2,031,302 (1.35), (2, 4) 2,040,067 (1.25).
+# GPTQ's mesh runs (one > 25 minutes on the shared 2 cores) are not measured, so not listed.
+MESH_DIFF = {"gpfq": 0.25}  # fraction of entries
+MESH_ERROR_FACTOR = {"gpfq": 1.5}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["gptq", "gpfq"])
+@pytest.mark.parametrize("method", sorted(MESH_DIFF))
 @pytest.mark.parametrize("shape", MESHES)
 def test_on_mesh_is_one_device_q_up_to_rounding(resnet, runs, method, shape):
   model, v, x = resnet
