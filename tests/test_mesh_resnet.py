@@ -112,7 +112,7 @@ def assert_errors_close(r0, r1, factor):
 # GPTQ 356,747 and GPFQ 264,943 of 11,699,112 entries differ (3.0% / 2.3%). GPTQ from layer1_0
 # on, GPFQ only in layer4 and fc (at 32x32 layer4's convs see 8 rows, one per image: a rank-8
 # Gram, so its ties go either way); conv1, the first Hessian, is identical in both.
-PERM_ERROR_FACTOR = 1.05  # measured worst ratio: GPFQ 1.020, GPTQ PERM_GPTQ_ERR
+PERM_ERROR_FACTOR = 1.1  # measured worst ratio of a layer's error: GPFQ 1.020, GPTQ 1.046
 PERM_CASES = ["gpfq", pytest.param("gptq", marks=pytest.mark.slow)]
 
 
@@ -148,15 +148,15 @@ def test_lost_data_shard_moves_conv1(runs, method):
 # X is the raw images, so float order leaves its Q alone (0 on every mesh and permutation) and
 # the duplicated shard moves 462 of its 9,408 GPTQ entries.
 # Measured differing entries of 11,699,112 (worst ratio of a layer's error to one device's):
-#   GPFQ (8, 1) 1,708,963 (1.27), (4, 2) 2,031,302 (1.35), (2, 4) 2,040,067 (1.25).
-# GPTQ's mesh runs (one > 25 minutes on the shared 2 cores) are not measured, so not listed.
-MESH_DIFF = {"gpfq": 0.25}  # fraction of entries
-MESH_ERROR_FACTOR = {"gpfq": 1.5}
+#   GPFQ (8, 1) 1,708,963 (1.27), (4, 2) 2,031,302 (1.35), (2, 4) 2,040,067 (1.25);
+#   GPTQ (4, 2) 378,352 (1.04), 1.06x its permuted batch's count (GPTQ (8, 1), (2, 4) not run).
+MESH_DIFF = {"gptq": 0.05, "gpfq": 0.25}  # fraction of entries
+MESH_ERROR_FACTOR = {"gptq": 1.1, "gpfq": 1.5}
+MESH_CASES = [("gptq", (4, 2))] + [("gpfq", shape) for shape in MESHES]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", sorted(MESH_DIFF))
-@pytest.mark.parametrize("shape", MESHES)
+@pytest.mark.parametrize("method,shape", MESH_CASES)
 def test_on_mesh_is_one_device_q_up_to_rounding(resnet, runs, method, shape):
   model, v, x = resnet
   ref, r0 = runs(method, "ref")
