@@ -152,7 +152,8 @@ def test_lost_data_shard_moves_conv1(runs, method):
 #   GPTQ (4, 2) 378,352 (1.04), 1.06x its permuted batch's count (GPTQ (8, 1), (2, 4) not run).
 MESH_DIFF = {"gptq": 0.05, "gpfq": 0.25}  # fraction of entries
 MESH_ERROR_FACTOR = {"gptq": 1.1, "gpfq": 1.5}
-MESH_CASES = [("gptq", (4, 2))] + [("gpfq", shape) for shape in MESHES]
+MESH_CASES = [pytest.param(method, (d, m), id=f"{method}-{d}x{m}")
+              for method, (d, m) in [("gptq", (4, 2))] + [("gpfq", s) for s in MESHES]]
 
 
 @pytest.mark.slow
