@@ -97,7 +97,8 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, data_axis: str = "data") -> PyTree
   size = mesh.shape[data_axis]
 
   def place(x):
-    x = jnp.asarray(x)
+    # Host data stay numpy: a multi-host device_put needs the host value, not a local device array.
+    x = x if isinstance(x, jax.Array) else np.asarray(x)
     if x.ndim == 0 or x.shape[0] % size:
       raise ValueError(f"batch of {x.shape[0] if x.ndim else 0} examples (shape {x.shape}) does "
                        f"not divide over the {size} devices of mesh axis {data_axis!r}; pass a "
