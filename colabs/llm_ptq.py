@@ -37,6 +37,7 @@ import numpy as np
 import qjax
 from qjax import perplexity, pretrained, text
 from qjax.experiments import causal_lm as task_lib
+from qjax.experiments import methods, ptq
 
 SMALL = bool(os.environ.get("QJAX_SMALL"))
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(qjax.__file__)))
@@ -62,13 +63,14 @@ print(f"float perplexity {float_ppl:.2f}")
 # Three bits per output channel, asymmetric min-max, embedding and head float.
 
 # %%
-task = task_lib.tf_tasks.Task("causal_lm", lm.params, lm.apply_fn, calib, None)
+# The experiment's own path: its Task and the one method registry (`qjax.experiments.methods`).
+task = ptq.Task("causal_lm", lm.params, lm.apply_fn, calib, task_lib.causal_lm_config())
 spec = task_lib.grid_spec("channel", 3)
 rows = {}
 quantized, extras = {}, {}
 for name in ("rtn", "gptq", "gpfq"):
   t0 = time.perf_counter()
-  q, extras[name] = task_lib.method(name)[1](task, spec)
+  q, extras[name] = ptq.quantize(task, methods.on_grid(name), spec, return_grids=True)
   quantized[name] = q
   q = jax.block_until_ready(q)
   rows[name] = (ppl(q), time.perf_counter() - t0)
